@@ -1,0 +1,3 @@
+from st_npu.cli import main
+
+raise SystemExit(main())

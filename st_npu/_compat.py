@@ -1,0 +1,82 @@
+"""The one place that knows where sentence-transformers keeps things, across its 5.x and 6.x releases.
+
+Everything else in st_npu uses sentence-transformers' public API; when a release moves or renames something,
+this module is what changes. Differences are feature-detected (imports, signatures), never read from version
+strings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from typing import Any
+
+import sentence_transformers
+
+try:  # 5.4+ keeps the module classes here; older releases only have sentence_transformers.models.
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+except ImportError:  # pragma: no cover - exercised only on sentence-transformers < 5.4
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+StockSentenceTransformer = sentence_transformers.SentenceTransformer
+CORE_MODULES = {"Transformer": Transformer, "Pooling": Pooling, "Normalize": Normalize}
+
+
+def _accepts(function: Any, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
+def module_class(type_name: str) -> type:
+    """The class a ``modules.json`` ``type`` names (old dotted paths included), limited to sentence-transformers."""
+    class_name = type_name.rsplit(".", 1)[-1]
+    if class_name in CORE_MODULES:
+        return CORE_MODULES[class_name]
+    module_path, _, class_name = type_name.rpartition(".")
+    if not module_path.startswith("sentence_transformers"):
+        raise ValueError(
+            f"module type {type_name!r} is custom code; st_npu only builds sentence-transformers' own modules."
+        )
+    with warnings.catch_warnings():  # old import paths still resolve, with a deprecation warning
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        return getattr(importlib.import_module(module_path), class_name)
+
+
+def load_module(cls: type, folder: str, subfolder: str, **kwargs: Any) -> Any:
+    """``cls.load`` of one saved module, passing only the keyword arguments this release accepts."""
+    accepted = {key: value for key, value in kwargs.items() if value is not None and _accepts(cls.load, key)}
+    if _accepts(cls.load, "subfolder"):
+        return cls.load(folder, subfolder=subfolder, **accepted)
+    return cls.load(f"{folder}/{subfolder}" if subfolder else folder, **accepted)  # pragma: no cover - < 5.0
+
+
+def new_transformer(folder: str, max_seq_length: int, do_lower_case: bool, model_kwargs: dict | None) -> Any:
+    """A Transformer module built from arguments rather than a ``sentence_bert_config.json``."""
+    kwarg = "model_kwargs" if _accepts(Transformer.__init__, "model_kwargs") else "model_args"
+    return Transformer(folder, max_seq_length=max_seq_length, do_lower_case=do_lower_case, **{kwarg: model_kwargs or {}})
+
+
+def new_pooling(dimension: int, mode: str) -> Any:
+    """A Pooling module with one mode; releases differ in argument names."""
+    if _accepts(Pooling.__init__, "embedding_dimension"):
+        return Pooling(embedding_dimension=dimension, pooling_mode=mode)
+    return Pooling(word_embedding_dimension=dimension, pooling_mode=mode)  # pragma: no cover - < 5.4
+
+
+def stock_init_parameters() -> set[str]:
+    """The keyword arguments stock ``SentenceTransformer.__init__`` takes in this release."""
+    return set(inspect.signature(StockSentenceTransformer.__init__).parameters) - {"self"}
+
+
+def predicted_batches(model: Any, inputs: list[Any], batch_size: int) -> list[list[Any]] | None:
+    """The batches stock ``encode`` will form (it sorts by length first), or None where that is unknown."""
+    import numpy as np
+
+    try:
+        order = np.argsort([-model._input_length(item) for item in inputs])
+        if model._can_flatten_inputs():
+            order = model._interleave_sorted_indices(order)
+    except AttributeError:
+        return None
+    ordered = [inputs[index] for index in order]
+    return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]

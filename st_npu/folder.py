@@ -1,0 +1,245 @@
+"""Reading a model folder: where it is (local or hub cache), what its files say, and whether they agree.
+
+The result is a :class:`ModelPlan`, a checked description of the modules to build. Every problem found is
+raised here, before any weights are loaded, with the file it concerns. A folder without ``modules.json`` is
+built only from a known-model spec in ``configs/models/``: the pooling of an unknown model is never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from st_npu._data import CONFIG_DIR
+
+DEFAULT_MODEL = "BAAI/llm-embedder"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files of other frameworks and exports that a torch model never reads.
+HUB_IGNORE = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "coreml/*"]
+LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing a file or its files are wrong; the message names the file."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """Neither a local folder nor a model the hub (or its cache) can provide."""
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One line of ``modules.json``."""
+
+    name: str
+    path: str
+    type: str
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What to build: from ``modules.json`` (``modules``) or from a known-model spec (``modules`` is None)."""
+
+    folder: Path
+    hidden_size: int
+    modules: tuple[ModuleEntry, ...] | None
+    spec: dict[str, Any] | None
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    similarity_fn_name: str | None = None
+
+
+def read_json(path: Path) -> Any:
+    """Parse one JSON file; missing or malformed files raise :class:`ModelFolderError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path} is missing.") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{path} is malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from None
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+
+
+def known_specs() -> list[dict[str, Any]]:
+    return [read_json(path) for path in sorted((CONFIG_DIR / "models").glob("*.json"))]
+
+
+def find_spec(*names: str | None) -> dict[str, Any] | None:
+    """The known-model spec whose name or alias matches one of ``names`` (ids, folder names), if any."""
+    wanted = {name.strip().rstrip("/\\").lower() for name in names if name}
+    wanted |= {Path(name).name for name in wanted}
+    for spec in known_specs():
+        if wanted & {alias.lower() for alias in (spec["name"], *spec.get("aliases", ()))}:
+            return spec
+    return None
+
+
+def spec_by_name(name: str) -> dict[str, Any]:
+    spec = find_spec(name)
+    if spec is None:
+        raise ValueError(f"No known-model spec named {name!r}; known: {', '.join(s['name'] for s in known_specs())}.")
+    return spec
+
+
+def resolve_model_path(
+    name_or_path: str | os.PathLike,
+    *,
+    cache_folder: str | None = None,
+    revision: str | None = None,
+    token: bool | str | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder as is, or a hub id through huggingface_hub (its cache, ``HF_ENDPOINT`` and offline mode)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelFolderError(f"{path} is a file; expected a model folder or a hub id such as {DEFAULT_MODEL}.")
+    repo_id = str(name_or_path)
+    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        raise ModelNotFoundError(f"Model folder {path} does not exist (and {repo_id!r} is not a hub id like org/name).")
+
+    from huggingface_hub import snapshot_download
+
+    def download(ignore: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_folder,
+                token=token,
+                local_files_only=local_files_only,
+                ignore_patterns=ignore,
+            )
+        )
+
+    try:
+        # Repos often hold the weights twice (safetensors and .bin); fetch the .bin only when it is the only copy.
+        folder = download([*HUB_IGNORE, "*.bin"])
+        if not any((folder / name).exists() for name in WEIGHT_FILES):
+            folder = download(HUB_IGNORE)
+    except Exception as exc:  # huggingface_hub raises many types: offline, not cached, 404, network
+        raise ModelNotFoundError(
+            f"Model {repo_id!r} is not a local folder and could not be fetched from the hub or found in its cache "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Download it once, e.g. "
+            f"`HF_ENDPOINT=https://hf-mirror.com hf download {repo_id} --local-dir ./{repo_id.replace('/', '--')}`, "
+            f"then pass that folder (or unset HF_HUB_OFFLINE so it can be fetched)."
+        ) from exc
+    return folder
+
+
+def read_model_folder(folder: Path, spec: dict[str, Any] | None = None, model_id: str | None = None) -> ModelPlan:
+    """Check a folder's files and describe the modules to build.
+
+    ``spec`` forces a known-model spec; otherwise one is looked up from ``model_id`` and the folder's name,
+    and used for its instructions (and, when there is no ``modules.json``, for the whole pipeline).
+    """
+    spec = spec or find_spec(model_id, folder.name)
+    st_config = _read_optional(folder / "config_sentence_transformers.json")
+    modules_file = folder / "modules.json"
+    if modules_file.exists():
+        modules = _read_modules(modules_file)
+        transformer = next((m for m in modules if m.type.endswith("Transformer")), None)
+        if transformer is None:
+            raise ModelFolderError(f"{modules_file} lists no Transformer module; st_npu builds transformer models.")
+        hidden_size = _check_transformer_folder(folder / transformer.path)
+        for entry in modules:
+            if entry.type.endswith("Pooling"):
+                _check_pooling(folder / entry.path / "config.json", hidden_size)
+    elif spec is not None:
+        modules = None
+        hidden_size = _check_transformer_folder(folder)
+        if hidden_size != spec["architecture"]["hidden_size"]:
+            raise ModelFolderError(
+                f"{folder / 'config.json'} has hidden_size {hidden_size}, but {spec['name']} has "
+                f"{spec['architecture']['hidden_size']}: this folder is not {spec['name']}."
+            )
+    else:
+        raise ModelFolderError(
+            f"{modules_file} is missing, so the pooling of this model cannot be inferred (st_npu never guesses mean "
+            f"pooling). Add modules.json and 1_Pooling/config.json, or pass spec=<name> for a known model "
+            f"({', '.join(s['name'] for s in known_specs())})."
+        )
+    return ModelPlan(
+        folder=folder,
+        hidden_size=hidden_size,
+        modules=modules,
+        spec=spec,
+        prompts=st_config.get("prompts") or {},
+        default_prompt_name=st_config.get("default_prompt_name"),
+        similarity_fn_name=st_config.get("similarity_fn_name"),
+    )
+
+
+def _read_optional(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    content = read_json(path)
+    if not isinstance(content, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object, found {type(content).__name__}.")
+    return content
+
+
+def _read_modules(path: Path) -> tuple[ModuleEntry, ...]:
+    content = read_json(path)
+    if not isinstance(content, list) or not content:
+        raise ModelFolderError(f"{path} must be a non-empty JSON list of modules.")
+    entries = []
+    for position, item in enumerate(content):
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str) or not isinstance(item.get("path", ""), str):
+            raise ModelFolderError(f"{path}: entry {position} needs a string 'type' and 'path', found {item!r}.")
+        entries.append(ModuleEntry(name=str(item.get("name", position)), path=item.get("path", ""), type=item["type"]))
+        if item.get("path") and not (path.parent / item["path"]).is_dir() and not item["type"].endswith("Normalize"):
+            raise ModelFolderError(f"{path}: entry {position} ({item['type']}) points at missing folder {item['path']!r}.")
+    return tuple(entries)
+
+
+def _check_transformer_folder(folder: Path) -> int:
+    """config.json, tokenizer and weights are present and sane; returns the hidden size."""
+    config = _read_optional(folder / "config.json") if (folder / "config.json").exists() else None
+    if config is None:
+        raise ModelFolderError(f"{folder / 'config.json'} is missing: the transformer's configuration is required.")
+    hidden_size = config.get("hidden_size", config.get("d_model", config.get("dim")))
+    if not isinstance(hidden_size, int):
+        raise ModelFolderError(f"{folder / 'config.json'} has no integer hidden_size.")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ModelFolderError(f"{folder} has no tokenizer files: expected tokenizer.json or vocab.txt.")
+    if not any((folder / name).exists() for name in WEIGHT_FILES):
+        raise ModelFolderError(f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES)}.")
+    st_config = _read_optional(folder / "sentence_bert_config.json")
+    max_seq_length = st_config.get("max_seq_length")
+    max_positions = config.get("max_position_embeddings")
+    if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length < 1):
+        raise ModelFolderError(f"{folder / 'sentence_bert_config.json'}: max_seq_length {max_seq_length!r} is not a positive integer.")
+    if max_seq_length and isinstance(max_positions, int) and max_seq_length > max_positions:
+        raise ModelFolderError(
+            f"{folder / 'sentence_bert_config.json'}: max_seq_length {max_seq_length} exceeds the model's "
+            f"max_position_embeddings {max_positions} in config.json."
+        )
+    return hidden_size
+
+
+def _check_pooling(path: Path, hidden_size: int) -> None:
+    config = _read_optional(path) if path.exists() else None
+    if config is None:
+        raise ModelFolderError(f"{path} is missing: the pooling configuration is required.")
+    dimension = config.get("embedding_dimension", config.get("word_embedding_dimension"))
+    if dimension != hidden_size:
+        raise ModelFolderError(
+            f"{path}: the pooling dimension {dimension!r} disagrees with hidden_size {hidden_size} in config.json."
+        )
+    modes = config.get("pooling_mode") or [mode for key, mode in LEGACY_POOLING_KEYS.items() if config.get(key)]
+    if not modes:
+        raise ModelFolderError(f"{path} enables no pooling mode; st_npu will not fall back to mean pooling.")

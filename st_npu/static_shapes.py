@@ -1,0 +1,189 @@
+"""Static shapes: a few fixed (batch, sequence) shapes per corpus, so Ascend compiles a few operators once.
+
+Ascend compiles an operator for every new input shape; stock sentence-transformers pads each batch to its own
+longest text, so a corpus brings dozens of shapes and each one stalls (FlagEmbedding issue 1028). Here the
+tokenized batch is padded, still on the CPU, up to a bucket length and a bucketed batch size; a forward hook
+cuts the outputs back to the real rows and tokens, so ``encode`` returns exactly what it returns without
+padding. Padding is numerically neutral: padded tokens are masked out of attention and pooling, padded rows
+are copies of a real row and are dropped.
+
+Works on any stock ``SentenceTransformer`` (``enable(model)``), through two public extension points: an
+instance attribute that wraps ``preprocess`` and a forward hook on the last module. ``disable(model)`` removes
+both.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEFAULT_SEQ_LENGTHS = (16, 32, 64, 128, 256, 512)
+# Powers of two: a last partial batch of n rows costs at most 2n rows of compute.
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class ShapePolicy:
+    """The bucket sizes; a batch is padded to the smallest bucket that holds it."""
+
+    seq_lengths: tuple[int, ...] = DEFAULT_SEQ_LENGTHS
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+
+    def __post_init__(self) -> None:
+        for name in ("seq_lengths", "batch_sizes"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"ShapePolicy.{name} must be positive integers, got {values!r}")
+            object.__setattr__(self, name, tuple(sorted(set(values))))
+
+    def for_model(self, max_seq_length: int | None) -> ShapePolicy:
+        """Sequence buckets clipped to the model's limit, which is always a bucket itself."""
+        if not max_seq_length:
+            return self
+        kept = tuple(length for length in self.seq_lengths if length < max_seq_length)
+        return ShapePolicy(kept + (max_seq_length,), self.batch_sizes)
+
+    def seq_bucket(self, length: int) -> int:
+        return _bucket(self.seq_lengths, length)
+
+    def batch_bucket(self, rows: int) -> int:
+        return _bucket(self.batch_sizes, rows)
+
+    def shapes(self, batch_size: int) -> list[tuple[int, int]]:
+        """Every (rows, tokens) shape an encode with this batch size can produce."""
+        largest = self.batch_bucket(batch_size)
+        return [(rows, length) for rows in self.batch_sizes if rows <= largest for length in self.seq_lengths]
+
+
+def _bucket(buckets: tuple[int, ...], value: int) -> int:
+    position = bisect.bisect_left(buckets, value)
+    if position < len(buckets):
+        return buckets[position]
+    # Beyond the table (a batch larger than any bucket): the next power of two keeps shapes few.
+    return 1 << (value - 1).bit_length()
+
+
+class _PaddedPreprocess:
+    """Shadows ``model.preprocess`` on one instance: the stock result, padded to bucket shapes on the CPU."""
+
+    def __init__(self, model: Any, policy: ShapePolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self.pending = threading.local()  # encode calls in other threads have their own batch in flight
+        # On the last module, not the model: sentence-transformers 5.x calls model.forward(), skipping its hooks.
+        self.hook = model[-1].register_forward_hook(self.on_last_module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> MutableMapping[str, Any]:
+        features = type(self.model).preprocess(self.model, *args, **kwargs)
+        return self.pad(features)
+
+    def pad(self, features: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        ids = features.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+            return features
+        rows, length = ids.shape
+        policy = self.policy.for_model(self.model.max_seq_length)
+        target = (policy.batch_bucket(rows), policy.seq_bucket(length))
+        if target == (rows, length):
+            self.pending.sizes = None
+            return features
+        left = getattr(self.model.tokenizer, "padding_side", "right") == "left"
+        pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
+        padded = [key for key, value in features.items()
+                  if isinstance(value, torch.Tensor) and value.shape[:2] == (rows, length)]
+        for key in padded:
+            features[key] = _pad(features[key], target, pad_id if key == "input_ids" else 0, left)
+        self.pending.sizes = (target, rows, length, left, padded)
+        return features
+
+    def on_last_module(self, module: Any, args: tuple, output: Any) -> Any:
+        """Forward hook: cut the outputs of a batch this padded back to its real rows and tokens."""
+        features = args[0] if args and isinstance(args[0], Mapping) else {}
+        return self.trim(features, output)
+
+    def trim(self, features: Mapping[str, Any], output: Any) -> Any:
+        sizes = getattr(self.pending, "sizes", None)
+        ids = features.get("input_ids")
+        if sizes is None or ids is None or tuple(ids.shape[:2]) != sizes[0] or not isinstance(output, MutableMapping):
+            return output  # not a batch this padded (a direct call, training): leave it alone
+        self.pending.sizes = None
+        (padded_rows, padded_length), rows, length, left, padded_inputs = sizes
+        tokens = slice(padded_length - length, None) if left else slice(0, length)
+        for key, value in output.items():
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == padded_rows:
+                value = value[:rows]
+                # Per-token tensors: the padded inputs and (rows, tokens, hidden) outputs such as token_embeddings.
+                if (key in padded_inputs or value.ndim >= 3) and value.shape[1] == padded_length:
+                    value = value[:, tokens]
+                output[key] = value
+        return output
+
+    def __getstate__(self) -> dict[str, Any]:  # threading.local does not pickle (multi-process pools)
+        return {"model": self.model, "policy": self.policy, "hook": self.hook}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.pending = threading.local()
+
+
+def _pad(value: torch.Tensor, target: tuple[int, int], fill: int, left: bool) -> torch.Tensor:
+    rows, length = value.shape[:2]
+    if target[0] > rows:  # extra rows repeat the last real one: fully masked rows could produce NaN
+        value = torch.cat([value, value[-1:].expand(target[0] - rows, *value.shape[1:])])
+    if target[1] > length:
+        padding = value.new_full((target[0], target[1] - length, *value.shape[2:]), fill)
+        value = torch.cat([padding, value] if left else [value, padding], dim=1)
+    return value
+
+
+def enable(model: Any, policy: ShapePolicy | None = None) -> ShapePolicy:
+    """Pad this model's batches to bucket shapes from now on (again: replaces the policy). Returns the policy."""
+    policy = policy or ShapePolicy()
+    disable(model)
+    model.preprocess = _PaddedPreprocess(model, policy)
+    return policy
+
+
+def disable(model: Any) -> None:
+    """Back to stock dynamic shapes; a no-op when static shapes are off."""
+    padder = model.__dict__.pop("preprocess", None)
+    if isinstance(padder, _PaddedPreprocess):
+        padder.hook.remove()
+
+
+def padder_of(model: Any) -> _PaddedPreprocess | None:
+    padder = model.__dict__.get("preprocess")
+    return padder if isinstance(padder, _PaddedPreprocess) else None
+
+
+def policy_of(model: Any) -> ShapePolicy | None:
+    padder = model.__dict__.get("preprocess")
+    return padder.policy.for_model(model.max_seq_length) if isinstance(padder, _PaddedPreprocess) else None
+
+
+def warmup(model: Any, batch_size: int = 32) -> int:
+    """Run every bucket shape through ``encode`` so later encodes compile nothing; returns the shape count.
+
+    Each shape runs twice, from real text of exactly the bucket's token count: once with every row full
+    (transformers then skips the attention mask) and once with one row short (the masked path that padded
+    batches take), so the whole encode path (tokenizer, transfer, forward, pooling, copy back) is exercised.
+    """
+    policy = policy_of(model)
+    if policy is None:
+        raise RuntimeError("warmup() needs static shapes: without them every new batch shape compiles anyway.")
+    shapes = policy.shapes(batch_size)
+    for rows, length in shapes:
+        full = _text_of(length)
+        model.encode([full] * rows, batch_size=rows, show_progress_bar=False)
+        model.encode([full] * (rows - 1) + [_text_of(1)], batch_size=rows, show_progress_bar=False)
+    return len(shapes)
+
+
+def _text_of(tokens: int) -> str:
+    """A text that BERT-style tokenizers turn into exactly ``tokens`` ids ([CLS] + words + [SEP])."""
+    return " ".join(["hello"] * max(tokens - 2, 0))

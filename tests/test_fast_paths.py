@@ -1,0 +1,136 @@
+"""Static shapes, warm-up, host/device overlap and out-of-memory backoff.
+
+Compile counts come from the emulated npu: they prove which shapes reach the device, not Ascend compile times.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import sentence_transformers
+import torch
+from conftest import needs_emulator
+
+import st_npu
+from st_npu import _compat
+from st_npu.static_shapes import ShapePolicy, disable, enable
+from st_npu.testing import emulator
+from st_npu.workloads import mixed_corpus
+
+CORPUS = mixed_corpus(64)
+
+
+def test_policy_buckets():
+    policy = ShapePolicy(seq_lengths=(16, 64, 512), batch_sizes=(1, 8, 32))
+    assert [policy.seq_bucket(n) for n in (1, 16, 17, 64, 65, 512)] == [16, 16, 64, 64, 512, 512]
+    assert [policy.batch_bucket(n) for n in (1, 2, 8, 9, 32, 33, 100)] == [1, 8, 8, 32, 32, 64, 128]
+    assert policy.for_model(128).seq_lengths == (16, 64, 128)
+    assert policy.shapes(8) == [(1, 16), (1, 64), (1, 512), (8, 16), (8, 64), (8, 512)]
+    with pytest.raises(ValueError, match="seq_lengths"):
+        ShapePolicy(seq_lengths=(0, 16))
+
+
+@pytest.mark.parametrize("fixture", ["minilm", "minilm_cls"])
+def test_static_shapes_are_numerically_neutral_on_real_weights(fixture, request):
+    folder = request.getfixturevalue(fixture)
+    plain = st_npu.SentenceTransformer(folder, device="cpu", static_shapes=False).encode(CORPUS[:24], batch_size=7)
+    model = st_npu.SentenceTransformer(folder, device="cpu", static_shapes=True)
+    padded = model.encode(CORPUS[:24], batch_size=7)
+    assert np.abs(padded - plain).max() <= 1e-6
+    stock_tokens = sentence_transformers.SentenceTransformer(str(folder), device="cpu").encode(
+        CORPUS[:5], output_value="token_embeddings")
+    tokens = model.encode(CORPUS[:5], output_value="token_embeddings")
+    assert [t.shape for t in tokens] == [t.shape for t in stock_tokens]
+    assert max((a - b).abs().max().item() for a, b in zip(tokens, stock_tokens)) <= 1e-5
+
+
+def test_padding_reaches_the_model_and_disable_restores_stock(tiny_cls):
+    model = st_npu.SentenceTransformer(tiny_cls, device="cpu", static_shapes=True)
+    shapes = []
+    handle = model[0].register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0]["input_ids"].shape)))
+    model.encode(["a b c", "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"],
+                 batch_size=3)
+    assert shapes == [(2, 32)]
+    disable(model)
+    assert "preprocess" not in model.__dict__ and not model[-1]._forward_hooks
+    model.encode(["a b c"])
+    handle.remove()
+    assert shapes[-1] == (1, 5)
+
+
+def test_static_shapes_default_on_for_npu_only(tiny_cls):
+    assert "preprocess" not in st_npu.SentenceTransformer(tiny_cls, device="cpu").__dict__
+    assert "preprocess" in st_npu.SentenceTransformer(tiny_cls, device="npu:0").__dict__
+
+
+@needs_emulator
+def test_no_compilation_after_warmup_where_stock_compiles(tiny_cls):
+    model = st_npu.SentenceTransformer(tiny_cls, device="npu:1", static_shapes=ShapePolicy(batch_sizes=(1, 4, 8)))
+    assert model.warmup(batch_size=8) == 3 * 6
+    emulator.reset_stats()
+    got = model.encode(CORPUS, batch_size=8)
+    assert emulator.stats()["per_device"][1]["compiles"] == 0
+    stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="npu:2")
+    emulator.reset_stats()
+    expected = stock.encode(CORPUS, batch_size=8)
+    assert emulator.stats()["per_device"][2]["compiles"] > 0
+    assert np.abs(got - expected).max() <= 1e-6
+
+
+def test_warmup_needs_static_shapes(tiny_cls):
+    with pytest.raises(RuntimeError, match="static shapes"):
+        st_npu.SentenceTransformer(tiny_cls, device="cpu").warmup()
+
+
+def test_enable_works_on_a_stock_model(tiny_cls):
+    stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="cpu")
+    expected = stock.encode(CORPUS[:20], batch_size=6)
+    enable(stock)
+    enable(stock)  # idempotent: one hook, one wrapper
+    assert len(stock[-1]._forward_hooks) == 1
+    assert np.abs(stock.encode(CORPUS[:20], batch_size=6) - expected).max() <= 1e-6
+
+
+def test_overlap_keeps_order_and_uses_prefetched_batches(tiny_cls):
+    reference = st_npu.SentenceTransformer(tiny_cls, device="cpu", overlap=False).encode(CORPUS, batch_size=8)
+    model = st_npu.SentenceTransformer(tiny_cls, device="npu:0")
+    assert model.overlap
+    got = model.encode(CORPUS, batch_size=8)
+    batches = -(-len(CORPUS) // 8)
+    assert model.last_overlap == {"hits": batches - 1, "misses": 0}
+    assert np.abs(got - reference).max() <= 1e-6
+
+
+def test_overlap_with_a_wrong_prediction_falls_back_without_losing_texts(tiny_cls, monkeypatch):
+    reference = st_npu.SentenceTransformer(tiny_cls, device="cpu", overlap=False).encode(CORPUS, batch_size=8)
+    model = st_npu.SentenceTransformer(tiny_cls, device="cpu", overlap=True)
+    monkeypatch.setattr(_compat, "predicted_batches", lambda m, inputs, size: [inputs[i:i + size] for i in
+                                                                                range(0, len(inputs), size)])
+    got = model.encode(CORPUS, batch_size=8)
+    assert model.last_overlap["misses"] >= 1
+    assert np.abs(got - reference).max() <= 1e-6
+
+
+@needs_emulator
+def test_out_of_memory_splits_the_batch_and_keeps_order(tiny_cls, caplog):
+    model = st_npu.SentenceTransformer(tiny_cls, device="npu:4", overlap=False)  # static shapes: 12 rows -> 16
+    texts = [text for text in CORPUS if len(text) > 1500][:12]
+    expected = st_npu.SentenceTransformer(tiny_cls, device="cpu").encode(texts, batch_size=16)
+    peaks = {}
+    for rows in (8, 16):
+        torch.npu.reset_peak_memory_stats(4)
+        model.encode(texts[:rows], batch_size=rows)
+        peaks[rows] = torch.npu.max_memory_allocated(4)
+    assert peaks[16] > peaks[8]
+    emulator.set_memory_limit((peaks[8] + peaks[16]) // 2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="st_npu.model"):
+            got = model.encode(texts, batch_size=16)
+            model.encode(texts, batch_size=16)
+    finally:
+        emulator.set_memory_limit(None)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-6
+    assert sum("out of memory" in record.message for record in caplog.records) == 1
