@@ -3,23 +3,43 @@
 ``from st_npu import SentenceTransformer`` is a drop-in subclass of ``sentence_transformers.SentenceTransformer``
 that builds the model from its folder's own files and runs it on ``npu:N``. Set ``ST_NPU_EMULATE=<n>`` to get
 an emulated n-device ``npu`` backed by the CPU (for tests and CI; see ``st_npu.testing.emulator``).
+
+The public names are imported on first use: where torch_npu is installed but CANN is not sourced,
+``import torch`` itself fails, and ``st-npu info`` must still be able to import this package to say so.
 """
 
 from __future__ import annotations
 
-from st_npu.doctor import explain_torch_npu_failure
-
-try:
-    import torch  # noqa: F401
-except RuntimeError as exc:  # torch auto-loads torch_npu; without CANN that fails inside `import torch`
-    raise RuntimeError(explain_torch_npu_failure(exc)) from exc
-
-from st_npu.testing.emulator import install_from_env
-
-install_from_env()
-
-from st_npu.llm_embedder import LLMEmbedder  # noqa: E402
-from st_npu.model import SentenceTransformer  # noqa: E402
+import importlib
+import os
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["SentenceTransformer", "LLMEmbedder", "__version__"]
+_PUBLIC = {
+    "SentenceTransformer": "st_npu.model",
+    "LLMEmbedder": "st_npu.llm_embedder",
+    "ShapePolicy": "st_npu.static_shapes",
+    "patch": "st_npu.patching",
+    "unpatch": "st_npu.patching",
+}
+__all__ = [*_PUBLIC, "__version__"]
+
+if os.environ.get("ST_NPU_EMULATE"):  # spawned workers and subprocesses inherit the emulated device this way
+    from st_npu.testing.emulator import install_from_env
+
+    install_from_env()
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'st_npu' has no attribute {name!r}")
+    from st_npu.doctor import explain_torch_npu_failure, is_torch_npu_failure
+
+    try:
+        module = importlib.import_module(_PUBLIC[name])
+    except (RuntimeError, ImportError) as exc:
+        # Without CANN, torch_npu fails inside `import torch` (autoload) or inside transformers' NPU probe.
+        if is_torch_npu_failure(exc):
+            raise RuntimeError(explain_torch_npu_failure(exc)) from exc
+        raise
+    return getattr(module, name)

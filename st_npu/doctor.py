@@ -26,10 +26,19 @@ PACKAGES = ("torch", "torch-npu", "sentence-transformers", "transformers", "toke
 TORCH_NPU_PROBE = "import torch, torch_npu; print(torch.npu.device_count())"
 
 
+CANN_LIBRARY = re.compile(r"lib(hccl|ascend\w*|acl\w*|runtime|ge_runner|graph)\.so")
+
+
+def is_torch_npu_failure(exc: BaseException) -> bool:
+    """Whether an import failed because torch_npu could not load (and not for an unrelated reason)."""
+    text = str(exc)
+    return bool(CANN_LIBRARY.search(text)) or "torch_npu" in text
+
+
 def explain_torch_npu_failure(exc: BaseException | str) -> str:
     """Turn torch_npu's import failures (with or without torch's autoload) into a message with the fix."""
     text = str(exc).strip()
-    if re.search(r"lib(hccl|ascend\w*|acl\w*|runtime|ge_runner|graph)\.so", text) or "backend extension" in text:
+    if CANN_LIBRARY.search(text) or "backend extension" in text:
         return f"torch_npu is installed but the Ascend CANN libraries are not loaded ({text}). Fix: {CANN_HINT}."
     return f"torch_npu is installed but failed to load: {text}"
 
@@ -111,7 +120,8 @@ def _npu_devices(problems: list[dict[str, str]], versions: dict[str, str | None]
     try:
         torch_npu = load_torch_npu()
     except DeviceError as exc:
-        problems.append({"problem": str(exc), "fix": CANN_HINT if "CANN" in str(exc) else INSTALL_HINT.format(
+        problem, _, _ = str(exc).partition(" Fix: ")
+        problems.append({"problem": problem, "fix": CANN_HINT if "CANN" in problem else INSTALL_HINT.format(
             torch=torch.__version__.split("+")[0])})
         return {"count": 0, "note": "torch_npu failed to load"}
     count = torch.npu.device_count() if torch.npu.is_available() else 0

@@ -30,7 +30,7 @@ LOADING_KWARGS = ("cache_folder", "revision", "token", "local_files_only", "trus
                   "processor_kwargs", "tokenizer_kwargs", "config_kwargs", "backend")
 
 
-class SentenceTransformer(_compat.StockSentenceTransformer):
+class SentenceTransformer(_compat.TokenLengthSorted):
     """A ``sentence_transformers.SentenceTransformer`` that runs on Ascend NPUs.
 
     Args:
