@@ -1,4 +1,5 @@
-"""Declarative data shipped with the package (``configs/`` in the repository, ``st_npu/configs`` when installed)."""
+"""Declarative data shipped with the package (``configs/`` in the repository, ``st_npu/configs`` when installed),
+and the one JSON reader that both it and model folders use."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ from typing import Any
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def load_config(relative_path: str) -> Any:
-    """Read one JSON file from the configs folder; a missing or malformed file names itself."""
-    path = CONFIG_DIR / relative_path
+def read_json(path: Path, error: type[Exception] = ValueError) -> Any:
+    """Parse one JSON file; a missing, malformed or non-UTF-8 file raises ``error`` naming the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"st_npu data file {path} is missing; the installation is incomplete.") from None
+        raise error(f"{path} is missing.") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"st_npu data file {path} is not valid JSON: {exc}") from None
+        raise error(f"{path} is malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+
+
+def load_config(relative_path: str) -> Any:
+    """One file of the configs folder (a problem there means a broken installation)."""
+    return read_json(CONFIG_DIR / relative_path)

@@ -7,13 +7,13 @@ built only from a known-model spec in ``configs/models/``: the pooling of an unk
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from st_npu._data import CONFIG_DIR
+from st_npu import _data
+from st_npu._data import CONFIG_DIR, load_config
 
 DEFAULT_MODEL = "BAAI/llm-embedder"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
@@ -61,19 +61,11 @@ class ModelPlan:
 
 
 def read_json(path: Path) -> Any:
-    """Parse one JSON file; missing or malformed files raise :class:`ModelFolderError` naming the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFolderError(f"{path} is missing.") from None
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path} is malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from None
-    except UnicodeDecodeError as exc:
-        raise ModelFolderError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    return _data.read_json(path, ModelFolderError)
 
 
 def known_specs() -> list[dict[str, Any]]:
-    return [read_json(path) for path in sorted((CONFIG_DIR / "models").glob("*.json"))]
+    return [load_config(f"models/{path.name}") for path in sorted((CONFIG_DIR / "models").glob("*.json"))]
 
 
 def find_spec(*names: str | None) -> dict[str, Any] | None:
