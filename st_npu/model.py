@@ -1,8 +1,9 @@
 """``st_npu.SentenceTransformer``: stock sentence-transformers with an NPU-aware constructor.
 
-Only construction differs from stock: the device is chosen and checked first, the model folder is read and
-validated, and the pipeline is handed to stock through its public ``modules=`` argument. ``encode`` and the
-rest are stock's, so retrieval code written for sentence-transformers keeps working.
+Construction is st_npu's: the device is chosen and checked first, the model folder is read and validated, and
+the pipeline is handed to stock through its public ``modules=`` argument. Encoding stays stock's ``encode``;
+st_npu only wraps it (input check, tokenizer prefetch), wraps ``forward`` (out-of-memory backoff) and adds
+static shapes through hooks, so retrieval code written for sentence-transformers keeps working.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 from st_npu import _compat
 from st_npu.devices import check_dtype_supported, resolve_device, resolve_dtype
-from st_npu.overlap import Prefetcher
 from st_npu.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
+from st_npu.overlap import Prefetcher
 from st_npu.pipeline import build_modules, instruction_prompts
 from st_npu.static_shapes import ShapePolicy, enable, padder_of, warmup
 
