@@ -70,6 +70,7 @@ def collect() -> dict[str, Any]:
         "environment": {name: os.environ[name] for name in REPORTED_ENV if name in os.environ},
         "devices": {},
         "problems": [],
+        "hints": [],
     }
     version, where = cann_version()
     report["versions"]["CANN"] = version
@@ -81,11 +82,15 @@ def collect() -> dict[str, Any]:
         problems.append(_torch_import_problem(exc))
         return report
     _emulator_from_env(problems)
-    report["devices"]["cpu"] = {"count": 1, "cores": os.cpu_count()}
+    report["devices"]["cpu"] = {"count": 1, "note": f"{os.cpu_count()} cores"}
     if torch.cuda.is_available():
         report["devices"]["cuda"] = {"count": torch.cuda.device_count(),
                                      "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     report["devices"]["npu"] = _npu_devices(problems, report["versions"])
+    if report["devices"]["npu"]["count"] and os.environ.get("TASK_QUEUE_ENABLE") != "2":
+        # Short-text embedding is host-bound on Ascend (the seed port: ~25 ms per 23-sentence call); level 2
+        # lets the host queue operators ahead of the device.
+        report["hints"].append("export TASK_QUEUE_ENABLE=2 before starting Python: encode is host-bound on NPU")
     return report
 
 
@@ -150,6 +155,7 @@ def format_report(report: dict[str, Any]) -> str:
     if report["environment"]:
         lines.append("environment")
         lines += [f"  {name}={value}" for name, value in report["environment"].items()]
+    lines += ["hints"] + [f"  - {hint}" for hint in report["hints"]] if report["hints"] else []
     lines.append("problems" if report["problems"] else "problems               none")
     for item in report["problems"]:
         lines += [f"  - {item['problem']}", f"    fix: {item['fix']}"]

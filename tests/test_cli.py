@@ -74,5 +74,8 @@ def test_info_reports_versions_and_emulated_npus():
     report = json.loads(result.stdout)
     assert report["devices"]["npu"] == {"count": 8, "names": ["Ascend910B3 (emulated)"] * 8, "emulated": True}
     assert report["versions"]["sentence-transformers"] and report["problems"] == []
+    assert any("TASK_QUEUE_ENABLE=2" in hint for hint in report["hints"])
+    tuned = json.loads(run_cli("info", "--json", env={"ST_NPU_EMULATE": "8", "TASK_QUEUE_ENABLE": "2"}).stdout)
+    assert tuned["hints"] == []
     text = run_cli("info", env={"ST_NPU_EMULATE": "2"}).stdout
     assert "sentence-transformers" in text and "npu" in text and "problems               none" in text
