@@ -62,6 +62,13 @@ def npu_count() -> int:
         return 0
 
 
+def names_npu(device: object) -> bool:
+    """Whether a device argument asks for an NPU (``"npu"``, ``"npu:N"``, ``torch.device("npu", N)``)."""
+    if isinstance(device, torch.device):
+        return device.type == "npu"
+    return isinstance(device, str) and device.strip().lower().partition(":")[0] == "npu"
+
+
 def default_index() -> int:
     """The accelerator this process owns: its LOCAL_RANK under torchrun-style launchers, else 0."""
     value = os.environ.get("LOCAL_RANK", "0")

@@ -20,6 +20,7 @@ from st_npu.devices import check_dtype_supported, resolve_device, resolve_dtype
 from st_npu.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
 from st_npu.overlap import Prefetcher
 from st_npu.pipeline import build_modules, instruction_prompts
+from st_npu.pools import start_pool
 from st_npu.static_shapes import ShapePolicy, enable, padder_of, warmup
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,10 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         merged = _merge([self.forward(half, **kwargs) for half in halves], rows)
         padder = padder_of(self)  # the halves passed the trimming hook unrecognised: trim the whole here
         return padder.trim({key: input[key] for key in keys}, merged) if padder else merged
+
+    def start_multi_process_pool(self, target_devices: list[str] | None = None) -> dict[str, Any]:
+        """Stock's pool on every NPU by default, with NPU-ready workers and a clear error if one dies."""
+        return start_pool(target_devices, super().start_multi_process_pool)
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         """Stock ``encode``, after checking that every input is a string (stock fails deep in the tokenizer)."""

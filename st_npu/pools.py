@@ -1,0 +1,143 @@
+"""Multi-process pools on many NPUs: stock's pool, with NPU workers that load their backend and a parent that
+notices a dead worker.
+
+``start_pool`` wraps stock's ``start_multi_process_pool``; ``st_npu.SentenceTransformer`` uses it, and so does
+stock's class while ``st_npu.patch()`` is active.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from st_npu.devices import load_torch_npu, names_npu, npu_count, resolve_device
+
+# How often a pool's result queue is re-read while waiting, to look for dead workers in between.
+POLL_S = 1.0
+
+
+class WorkerDiedError(RuntimeError):
+    """A multi-process pool worker exited while the parent waited for results; the pool has been stopped."""
+
+
+def start_pool(target_devices: Sequence[str | torch.device] | None, start: Callable[[list[str] | None], dict]) -> dict:
+    """Stock's ``start_multi_process_pool`` (``start``), made fit for NPUs.
+
+    - ``target_devices=None`` means every NPU when one is usable (else stock's default); ``npu``/``npu:N`` entries
+      are checked in the parent, so a wrong index fails before any worker is spawned.
+    - Each spawned worker loads the npu backend (torch_npu, or the parent's emulator: a parent that installed it
+      in-process without ``ST_NPU_EMULATE`` still gets workers with it) before it unpickles the model.
+    - A worker that dies makes the parent raise ``WorkerDiedError`` within about ``POLL_S`` seconds, on 5.x too
+      (whose stock waits forever), and stops the pool's other workers.
+
+    Safe to apply twice (an ``st_npu.SentenceTransformer`` under the patch goes through it twice).
+    """
+    devices = pool_devices(target_devices)
+    pool = start(devices)
+    if not isinstance(pool["output"], WatchedResults):
+        pool["output"] = WatchedResults(pool["output"], pool["input"], pool["processes"], devices)
+    return pool
+
+
+def pool_devices(target_devices: Sequence[str | torch.device] | None) -> list[str] | None:
+    """The devices a pool should use: every NPU by default, each NPU entry resolved and worker-ready."""
+    if target_devices is None:
+        count = npu_count()
+        return [_NpuWorkerDevice(f"npu:{index}") for index in range(count)] if count else None
+    return [_NpuWorkerDevice(str(resolve_device(device))) if names_npu(device) else str(device)
+            for device in target_devices]
+
+
+class _NpuWorkerDevice(str):
+    """An ``npu:N`` string that, unpickled in a spawned worker, first makes ``npu`` a device there.
+
+    Stock passes each target device to its worker ahead of the model, so this is the one public hook that runs
+    in the worker before anything else needs the backend.
+    """
+
+    def __reduce__(self) -> tuple[Callable[..., str], tuple[str, int | None]]:
+        return _load_npu_in_worker, (str(self), _emulated_device_count())
+
+
+def _emulated_device_count() -> int | None:
+    torch_npu = sys.modules.get("torch_npu")
+    return torch.npu.device_count() if getattr(torch_npu, "__emulated__", False) else None
+
+
+def _load_npu_in_worker(device: str, emulated_devices: int | None) -> str:
+    # Unpickling this function imported st_npu, which already honoured ST_NPU_EMULATE if it was set.
+    if emulated_devices is not None:
+        from st_npu.testing import emulator
+
+        if not emulator.is_installed():
+            emulator.install(devices=emulated_devices)
+    load_torch_npu()
+    return device
+
+
+class WatchedResults:
+    """A pool's result queue whose ``get`` raises ``WorkerDiedError`` once a worker has died.
+
+    Stock 5.x reads results with a blocking ``get()`` and hangs forever when a worker dies (killed, out of
+    memory, a crash in the device runtime); 6.x notices only once the queue has stayed empty. Both read the
+    pool's ``"output"`` entry, so replacing it covers both. Every other attribute is the queue's own.
+    """
+
+    def __init__(self, results: Any, inputs: Any, processes: list[Any], devices: list[str] | None) -> None:
+        self._results = results
+        self._inputs = inputs
+        self._processes = processes
+        self._devices = devices
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check_workers()
+            wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+            try:
+                return self._results.get(block, wait)
+            except queue.Empty:
+                if not block or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._results, name)
+
+    def _check_workers(self) -> None:
+        # A pool with a dead worker is broken even if the others could finish: fail at once, not at the end.
+        dead = [index for index, process in enumerate(self._processes) if not process.is_alive()]
+        if not dead:
+            return
+        details = "; ".join(self._describe(index) for index in dead)
+        _stop_workers(self._processes, self._inputs)
+        raise WorkerDiedError(
+            f"{len(dead)} of {len(self._processes)} multi-process pool worker(s) died: {details}. "
+            f"The pool's workers have been stopped; start a new pool to retry."
+        )
+
+    def _describe(self, index: int) -> str:
+        process = self._processes[index]
+        where = f" on {self._devices[index]}" if self._devices and index < len(self._devices) else ""
+        code = process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            hint = ", e.g. by the out-of-memory killer" if -code == signal.SIGKILL else ""
+            return f"pid {process.pid}{where} was killed by {name}{hint}"
+        return f"pid {process.pid}{where} exited with code {code}"
+
+
+def _stop_workers(processes: list[Any], inputs: Any) -> None:
+    """Terminate and reap a pool's workers, leaving the pool for ``stop_multi_process_pool`` to close."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+    # Chunks no worker will read stay in the pipe: without this, interpreter exit waits to flush them forever.
+    inputs.cancel_join_thread()
