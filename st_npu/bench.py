@@ -18,12 +18,16 @@ What one pass is, and how it is measured:
 * Padding efficiency is real tokens over the tokens the forwards computed (rows x columns of the inputs).
 * Peak memory is what the pass added over what was resident before it (the weights of both models are): on
   an accelerator ``max_memory_allocated`` minus ``memory_allocated`` just before, on the CPU the highest RSS a
-  thread reads from ``/proc/self/statm`` every 5 ms minus RSS just before.
+  thread reads from ``/proc/self/statm`` every 5 ms minus RSS just before. The CPU figure matches the kernel's
+  ``ru_maxrss`` in a fresh process to ~2 MiB, but here both models share one heap, and what earlier passes
+  leave in it inflated single passes by up to 25 % against fresh processes (never deflated them), so a row
+  shows its model's lowest peak over the passes: use ``--repeats 2`` or more to compare CPU memory.
 * Achieved FLOP/s = real tokens x 2 x (parameters of the transformer without embeddings and pooler) / time;
   attention's own FLOPs (4 x seq x hidden per token per layer) are ignored, which understates long texts by
   up to ~11 % for BERT-base at 512 tokens. It is shown as a share of the device's matmul peak in the row's
   dtype, measured once per dtype as the best of a few large square matmuls.
-* Compilations are counted where they can be: on the emulated npu, per device, reset before each pass.
+* Compilations are counted where they can be: on the emulated npu, per device, reset before each pass; a row
+  shows its model's first pass at that batch size (later passes reuse its shapes).
 
 Warm-up, untimed: st_npu with static shapes (the default on npu) first runs ``model.warmup(max batch size)``,
 timed and reported on its own; then each model encodes one batch at each batch size. Stock therefore still
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import importlib.util
 import json
@@ -53,7 +58,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +197,7 @@ class RssSampler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        _return_freed_memory()
+        _trim_heap()
         self.baseline = self.peak = rss_bytes()
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="st_npu-bench-rss", daemon=True)
@@ -232,15 +237,18 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _return_freed_memory() -> None:
+def _trim_heap() -> None:
     # glibc keeps freed heap pages resident; without trimming, the model measured second would reuse the first's
     # pages and look smaller than it is.
-    gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name and sys.platform.startswith("linux"):
-        trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    return getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
 
 
 def memory_meter(device: torch.device) -> RssSampler | DevicePeakMemory | None:
@@ -270,8 +278,7 @@ def run_pass(model: Any, workload: Workload, batch_size: int, device: torch.devi
     """One timed pass; the embeddings returned are those of its last encode call."""
     timer = BatchTimer(model, device)
     meter = memory_meter(device)
-    if device.type != "cpu":
-        gc.collect()  # the sampler collects on the CPU; a collection inside the timed pass would count in it
+    gc.collect()  # garbage of earlier passes, collected inside this one, would count in its time
     compiles = compile_counter(device)
     if meter is not None:
         meter.start()
@@ -296,7 +303,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def summarize(passes: list[PassResult], texts: int, tokens: int, flops_per_token: int,
               peak_flops: float | None) -> dict[str, Any]:
-    """A model's row at one batch size: the figures of its fastest pass, and every pass's time and counts."""
+    """A model's row at one batch size: its fastest pass's figures, compiles of its first pass, its lowest memory
+    peak (what earlier passes leave in a shared heap only inflates one), and every pass's figures."""
     best = min(passes, key=lambda result: result.seconds)
     tokens_per_s = tokens / best.seconds
     flops = tokens_per_s * flops_per_token
@@ -308,13 +316,19 @@ def summarize(passes: list[PassResult], texts: int, tokens: int, flops_per_token
         "latency_p95_ms": _ms(percentile(best.latencies_s, 95)),
         "batches": len(best.latencies_s),
         "padding_efficiency": tokens / best.computed_tokens if best.computed_tokens else None,
-        "compiles": best.compiles,
-        "peak_memory_bytes": best.peak_memory_bytes,
+        "compiles": passes[0].compiles,  # the pass that meets the workload's shapes first; later ones reuse them
+        "peak_memory_bytes": _lowest(p.peak_memory_bytes for p in passes),
         "flops_per_s": flops,
         "peak_share": flops / peak_flops if peak_flops else None,
         "passes": [{"seconds": p.seconds, "compiles": p.compiles, "peak_memory_bytes": p.peak_memory_bytes,
-                    "computed_tokens": p.computed_tokens} for p in passes],
+                    "computed_tokens": p.computed_tokens, "latencies_ms": [t * 1000 for t in p.latencies_s]}
+                   for p in passes],
     }
+
+
+def _lowest(values: Iterable[int | None]) -> int | None:
+    known = [value for value in values if value is not None]
+    return min(known) if known else None
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -381,6 +395,27 @@ def warm_up_st_npu(model: Any, batch_size: int) -> dict[str, Any] | None:
     return {"batch_size": batch_size, "shapes": shapes, "seconds": time.perf_counter() - start}
 
 
+def warm_up(models: dict[str, Any], workload: Workload, batch_sizes: list[int]) -> dict[str, Any] | None:
+    """st_npu's static-shape warm-up (reported), then one untimed batch per model and batch size."""
+    warmup = warm_up_st_npu(models["st_npu"], max(batch_sizes))
+    for batch_size in batch_sizes:
+        for model in models.values():
+            model.encode(workload.texts[:batch_size], batch_size=batch_size, show_progress_bar=False)
+    return warmup
+
+
+def timed_passes(models: dict[str, Any], workload: Workload, batch_size: int, repeats: int, device: torch.device,
+                 progress: Any) -> dict[str, list[PassResult]]:
+    """``repeats`` rounds of one pass per model, in turn, so that drifts in machine load hit both alike."""
+    passes: dict[str, list[PassResult]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            progress.set_description(f"batch {batch_size} {name}")
+            passes[name].append(run_pass(model, workload, batch_size, device))
+            progress.update()
+    return passes
+
+
 # --- the command ------------------------------------------------------------------------------------------
 
 
@@ -399,20 +434,12 @@ def run_bench(args: argparse.Namespace) -> int:
     peaks = {dtype: matmul_peak_flops(device, dtype, PEAK_MATMUL_SIZE) for dtype in set(dtypes.values())}
     flops_per_token = 2 * non_embedding_parameters(stock)
 
-    warmup = warm_up_st_npu(ours, max(batch_sizes))
-    for batch_size in batch_sizes:
-        for model in models.values():
-            model.encode(workload.texts[:batch_size], batch_size=batch_size, show_progress_bar=False)
+    warmup = warm_up(models, workload, batch_sizes)
 
     rows, checks = [], []
     with _progress(len(batch_sizes) * args.repeats * len(models)) as progress:
         for batch_size in batch_sizes:
-            passes: dict[str, list[PassResult]] = {name: [] for name in models}
-            for _ in range(args.repeats):
-                for name, model in models.items():
-                    progress.set_description(f"batch {batch_size} {name}")
-                    passes[name].append(run_pass(model, workload, batch_size, device))
-                    progress.update()
+            passes = timed_passes(models, workload, batch_size, args.repeats, device, progress)
             summary = {name: summarize(passes[name], texts, tokens, flops_per_token, peaks[dtypes[name]])
                        for name in models}
             for name in models:
@@ -497,34 +524,35 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                  _number(row["compiles"], "d"), _number(None if memory is None else memory / 2**20, ",.1f"),
                  _number(None if row["peak_share"] is None else row["peak_share"] * 100, ".1f"),
                  _number(ratio.get("sentences_per_s"), ".2f", "x"), _number(ratio.get("peak_memory_bytes"), ".2f", "x"))
-        lines.append("".join(f"{cell!s:<{width}}" for cell, (_, width) in zip(cells, COLUMNS)).rstrip())
+        lines.append("".join(f"{cell!s:<{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True)).rstrip())
     return "\n".join(lines)
 
 
-def _number(value: float | int | None, spec: str, suffix: str = "") -> str:
+def _number(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def format_report(report: dict[str, Any]) -> str:
-    workload, dtypes = report["workload"], report["dtypes"]
+    workload, dtypes, warmup = report["workload"], report["dtypes"], report["warmup"]
     calls = f" x {workload['calls_per_pass']} calls" if workload["calls_per_pass"] > 1 else ""
     peaks = ", ".join(f"{dtype} {flops / 1e9:,.1f} GFLOP/s" for dtype, flops in report["matmul_peak_flops"].items())
-    warmup = report["warmup"]
+    size = report["matmul_peak_size"]
+    emulated = " (emulated: compile counts are real; times and memory are the CPU behind it)"
+    warmed = (f"st_npu compiled {warmup['shapes']} static shapes for batch {warmup['batch_size']} in "
+              f"{warmup['seconds']:.1f} s (not in the times)" if warmup else
+              "one untimed batch per model and batch size (st_npu static shapes are off here)")
     lines = [
-        f"st-npu bench: {report['model']} on {report['device']}"
-        f"{' (emulated: compile counts are real; times and memory are the CPU behind it)' if report['emulated'] else ''}",
+        f"st-npu bench: {report['model']} on {report['device']}{emulated if report['emulated'] else ''}",
         f"  models      stock {dtypes['stock']} vs st_npu {dtypes['st_npu']}, {report['threads']} CPU threads",
         f"  workload    {workload['name']}: {workload['texts_per_call']} texts{calls}, "
-        f"{workload['tokens_per_pass']:,} real tokens per pass",
-        f"  passes      {report['repeats']} per model and batch size, alternating; rows show the best (shortest)",
+        + f"{workload['tokens_per_pass']:,} real tokens per pass",
+        f"  passes      {report['repeats']} per model and batch size, alternating; rows show the fastest pass, "
+        + "the first's compiles, the lowest peak memory",
         "  latency     forward of one batch (first module in to last module out, synchronized)",
         f"  FLOP/s      real tokens x {report['flops_per_token']:,} (2 x non-embedding parameters) / time; "
-        f"attention's own FLOPs ignored",
-        f"  matmul peak {peaks} ({report['matmul_peak_size']}x{report['matmul_peak_size']}, best of "
-        f"{PEAK_MATMUL_REPEATS})",
-        "  warm-up     " + (f"st_npu compiled {warmup['shapes']} static shapes for batch {warmup['batch_size']} in "
-                            f"{warmup['seconds']:.1f} s (not in the times)" if warmup else
-                            "one untimed batch per model and batch size (st_npu static shapes are off here)"),
+        + "attention's own FLOPs ignored",
+        f"  matmul peak {peaks} ({size}x{size}, best of {PEAK_MATMUL_REPEATS})",
+        f"  warm-up     {warmed}",
         "",
         format_table(report["rows"]),
         "",
