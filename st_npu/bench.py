@@ -586,7 +586,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes.set_ylim(bottom=0)  # ratios read true only from a zero baseline
     axes.set_xlabel("batch size")
     axes.set_ylabel("sentences / s")
-    axes.set_title(f"{Path(report['model']).name} on {report['device']}: st_npu {report['dtypes']['st_npu']} "
+    device = f"{report['device']} (emulated)" if report["emulated"] else report["device"]
+    axes.set_title(f"{Path(report['model']).name} on {device}: st_npu {report['dtypes']['st_npu']} "
                    f"vs stock {report['dtypes']['stock']} ({report['workload']['name']})")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
