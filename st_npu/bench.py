@@ -20,7 +20,7 @@ What one pass is, and how it is measured:
   an accelerator ``max_memory_allocated`` minus ``memory_allocated`` just before, on the CPU the highest RSS a
   thread reads from ``/proc/self/statm`` every 5 ms minus RSS just before. The CPU figure matches the kernel's
   ``ru_maxrss`` in a fresh process to ~2 MiB, but here both models share one heap, and what earlier passes
-  leave in it inflated single passes by up to 25 % against fresh processes (never deflated them), so a row
+  leave in it inflated single passes by up to ~20 % against fresh processes (never deflated them), so a row
   shows its model's lowest peak over the passes: use ``--repeats 2`` or more to compare CPU memory.
 * Achieved FLOP/s = real tokens x 2 x (parameters of the transformer without embeddings and pooler) / time;
   attention's own FLOPs (4 x seq x hidden per token per layer) are ignored, which understates long texts by
