@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from st_npu.doctor import explain_torch_npu_failure
+from st_npu.folder import DEFAULT_MODEL  # folder.py imports no torch, as this module must not
 
-DEFAULT_MODEL = "BAAI/llm-embedder"
 OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
 
