@@ -33,7 +33,7 @@ if os.environ.get("ST_NPU_EMULATE"):  # spawned workers and subprocesses inherit
 def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:
         raise AttributeError(f"module 'st_npu' has no attribute {name!r}")
-    from st_npu.doctor import explain_torch_npu_failure, is_torch_npu_failure
+    from st_npu.hints import explain_torch_npu_failure, is_torch_npu_failure
 
     try:
         module = importlib.import_module(_PUBLIC[name])

@@ -64,6 +64,12 @@ def new_pooling(dimension: int, mode: str) -> Any:
     return Pooling(word_embedding_dimension=dimension, pooling_mode=mode)  # pragma: no cover - < 5.4
 
 
+def embedding_dimension(model: Any) -> int | None:
+    """The model's output dimension, through whichever name this release gives the method (6.x renamed it)."""
+    method = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return method()
+
+
 def stock_init_parameters() -> set[str]:
     """The keyword arguments stock ``SentenceTransformer.__init__`` takes in this release."""
     return set(inspect.signature(StockSentenceTransformer.__init__).parameters) - {"self"}

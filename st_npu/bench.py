@@ -4,30 +4,22 @@ Both models are loaded on the device; stock always runs in float32 (its default,
 name, e.g. "st_npu bf16 >= 4x stock fp32"), st_npu in ``--dtype``. For each batch size the timed passes
 alternate, stock then st_npu, ``--repeats`` times, and each model's row reports its *best* pass (shortest
 time): other work on the machine only ever slows a pass down, so the best pass is the least disturbed one.
-Every pass's figures are in the ``--json`` file.
-
-What one pass is, and how it is measured:
+Every pass's figures are in the ``--json`` file. The instruments (timers, memory, compile counts) are
+:mod:`st_npu.measure`'s; the table and plot are :mod:`st_npu.bench_report`'s.
 
 * A pass is what a user runs: ``encode`` over the whole workload (``mixed``: the corpus in one call, so each
   model batches and sorts it its own way) or, for ``seed``, the seed port's method: ``SEED_CALLS`` calls of
   ``encode`` on the 23 sentences, each a single short batch. Throughput is texts (and real tokens, counted
-  once with the model's tokenizer) over the pass's wall time.
-* Batch latency is the forward of one batch: a pre-hook on the first module and a hook on the last, each
-  after a device synchronize, so it excludes tokenization and the copy back. The synchronize costs both
-  models the same. ``p50``/``p95`` are over all batches of the pass.
+  once with the model's tokenizer) over the pass's wall time; ``p50``/``p95`` latency are over its batches.
 * Padding efficiency is real tokens over the tokens the forwards computed (rows x columns of the inputs).
-* Peak memory is what the pass added over what was resident before it (the weights of both models are): on
-  an accelerator ``max_memory_allocated`` minus ``memory_allocated`` just before, on the CPU the highest RSS a
-  thread reads from ``/proc/self/statm`` every 5 ms minus RSS just before. The CPU figure matches the kernel's
-  ``ru_maxrss`` in a fresh process to ~2 MiB, but here both models share one heap, and what earlier passes
-  leave in it inflated single passes by up to ~20 % against fresh processes (never deflated them), so a row
-  shows its model's lowest peak over the passes: use ``--repeats 2`` or more to compare CPU memory.
+* A row shows its model's lowest memory peak over the passes (both models share one heap): use ``--repeats 2``
+  or more to compare CPU memory.
 * Achieved FLOP/s = real tokens x 2 x (parameters of the transformer without embeddings and pooler) / time;
   attention's own FLOPs (4 x seq x hidden per token per layer) are ignored, which understates long texts by
   up to ~11 % for BERT-base at 512 tokens. It is shown as a share of the device's matmul peak in the row's
   dtype, measured once per dtype as the best of a few large square matmuls.
-* Compilations are counted where they can be: on the emulated npu, per device, reset before each pass; a row
-  shows its model's first pass at that batch size (later passes reuse its shapes).
+* Compilations (emulated npu only) are reset before each pass; a row shows its model's first pass at that
+  batch size (later passes reuse its shapes).
 
 Warm-up, untimed: st_npu with static shapes (the default on npu) first runs ``model.warmup(max batch size)``,
 timed and reported on its own; then each model encodes one batch at each batch size. Stock therefore still
@@ -37,28 +29,17 @@ models share the device's compile cache, as they would in any one process, so st
 Finally the embeddings of both models' last pass at each batch size are compared text by text; the command
 fails (exit 1) when any text's cosine falls under ``MIN_COSINE`` or its centered cosine (see :func:`agreement`)
 under ``MIN_CENTERED_COSINE``, so a fast but wrong st_npu cannot pass unnoticed.
-
-On the emulated npu (``st_npu.testing.emulator``) the compile counts and the agreement are meaningful: they
-show which shapes the workload brings to the device and that st_npu's padding leaves the embeddings intact.
-Times, FLOP/s, the matmul peak and memory are those of CPU operators behind the emulated device and say
-nothing about an Ascend chip; compiles cost no time there either.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import functools
 import gc
 import importlib.util
 import json
-import math
-import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,17 +47,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from st_npu.cli import UsageError, atomic_file
+from st_npu import measure
+from st_npu.bench_report import PLOT_HINT, format_report, plot
+from st_npu.errors import UsageError
+from st_npu.measure import compile_counter, is_emulated, matmul_peak_flops, memory_meter, percentile, synchronize
+from st_npu.outputs import atomic_file
 
 MODELS = ("stock", "st_npu")
 STOCK_DTYPE = torch.float32
 SEED_CALLS = 20  # one call of 23 short sentences lasts milliseconds on an accelerator: too short to time alone
-PEAK_MATMUL_SIZE = 2048
-PEAK_MATMUL_REPEATS = 3
-RSS_INTERVAL_S = 0.005
 MIN_COSINE = 0.99
 MIN_CENTERED_COSINE = 0.9  # bf16 against fp32 scores ~0.995 on llm-embedder's shape; another text's row ~0
-PLOT_HINT = 'pip install "st-npu[bench]"'
 
 
 @dataclass(frozen=True)
@@ -139,144 +120,9 @@ def non_embedding_parameters(model: Any) -> int:
 # --- measuring --------------------------------------------------------------------------------------------
 
 
-def synchronize(device: torch.device) -> None:
-    module = getattr(torch, device.type, None)
-    if device.type != "cpu" and hasattr(module, "synchronize"):
-        module.synchronize(device)
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = PEAK_MATMUL_SIZE,
-                      repeats: int = PEAK_MATMUL_REPEATS) -> float:
-    """FLOP/s of the fastest of ``repeats`` ``size`` x ``size`` matmuls, after one untimed run."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-class BatchTimer:
-    """Times each forward from the first module's input to the last module's output, and counts its tokens."""
-
-    def __init__(self, model: Any, device: torch.device) -> None:
-        self.device = device
-        self.latencies_s: list[float] = []
-        self.computed_tokens = 0
-        self._start = 0.0
-        self._hooks = [model[0].register_forward_pre_hook(self._before), model[-1].register_forward_hook(self._after)]
-
-    def _before(self, module: Any, args: tuple) -> None:
-        ids = args[0].get("input_ids") if args and isinstance(args[0], Mapping) else None
-        self.computed_tokens += ids.numel() if isinstance(ids, torch.Tensor) else 0
-        synchronize(self.device)  # the batch's transfer (and anything queued before) is not its forward
-        self._start = time.perf_counter()
-
-    def _after(self, module: Any, args: tuple, output: Any) -> None:
-        synchronize(self.device)
-        self.latencies_s.append(time.perf_counter() - self._start)
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-
-class RssSampler:
-    """The highest resident set size above its level at ``start``, read from /proc/self/statm by a thread."""
-
-    def __init__(self, interval_s: float = RSS_INTERVAL_S) -> None:
-        self.interval_s = interval_s
-        self.baseline = 0
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        _trim_heap()
-        self.baseline = self.peak = rss_bytes()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, name="st_npu-bench-rss", daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, rss_bytes())
-
-    def stop(self) -> int:
-        """The peak increase in bytes since ``start``."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        return self.peak - self.baseline
-
-
-class DevicePeakMemory:
-    """An accelerator's peak allocated memory above its level at ``start`` (npu, cuda, ...: ``torch.<type>``)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.module = getattr(torch, device.type)
-        self.index = device.index or 0
-        self.baseline = 0
-
-    def start(self) -> None:
-        self.module.reset_peak_memory_stats(self.index)
-        self.baseline = self.module.memory_allocated(self.index)
-
-    def stop(self) -> int:
-        return self.module.max_memory_allocated(self.index) - self.baseline
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _trim_heap() -> None:
-    # glibc keeps freed heap pages resident; without trimming, the model measured second would reuse the first's
-    # pages and look smaller than it is.
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    return getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
-
-
-def memory_meter(device: torch.device) -> RssSampler | DevicePeakMemory | None:
-    """How this device's peak memory can be measured; None where it cannot (mps, or a CPU without /proc)."""
-    if device.type == "cpu":
-        return RssSampler() if os.path.exists("/proc/self/statm") else None
-    module = getattr(torch, device.type, None)
-    return DevicePeakMemory(device) if hasattr(module, "max_memory_allocated") else None
-
-
-def is_emulated(device: torch.device) -> bool:
-    return device.type == "npu" and getattr(sys.modules.get("torch_npu"), "__emulated__", False)
-
-
-def compile_counter(device: torch.device) -> Callable[[], int] | None:
-    """Compilations on ``device`` since the counter was made; only the emulated npu counts them."""
-    if not is_emulated(device):
-        return None
-    from st_npu.testing import emulator
-
-    emulator.reset_stats()
-    index = device.index or 0
-    return lambda: emulator.stats()["per_device"][index]["compiles"]
-
-
 def run_pass(model: Any, workload: Workload, batch_size: int, device: torch.device) -> PassResult:
     """One timed pass; the embeddings returned are those of its last encode call."""
-    timer = BatchTimer(model, device)
+    timer = measure.BatchTimer(model, device)
     meter = memory_meter(device)
     gc.collect()  # garbage of earlier passes, collected inside this one, would count in its time
     compiles = compile_counter(device)
@@ -295,10 +141,6 @@ def run_pass(model: Any, workload: Workload, batch_size: int, device: torch.devi
         timer.remove()
     return PassResult(seconds, timer.latencies_s, timer.computed_tokens, compiles() if compiles else None, peak,
                       np.asarray(embeddings, dtype=np.float32))
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if len(values) else None
 
 
 def summarize(passes: list[PassResult], texts: int, tokens: int, flops_per_token: int,
@@ -368,12 +210,12 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
     """Stock (float32) and st_npu (``--dtype``) on the same folder and device."""
     import sentence_transformers
 
-    from st_npu.cli import load_model
     from st_npu.devices import resolve_device
     from st_npu.folder import resolve_model_path
+    from st_npu.options import load_model
 
     device = resolve_device(args.device)
-    ours = load_model(argparse.Namespace(model=args.model, device=str(device), dtype=args.dtype))
+    ours = load_model(args, device=str(device))
     stock = sentence_transformers.SentenceTransformer(str(resolve_model_path(args.model)), device=str(device))
     stock.to(STOCK_DTYPE)  # a half-precision checkpoint may load in its own dtype
     return stock, ours, device
@@ -431,7 +273,7 @@ def run_bench(args: argparse.Namespace) -> int:
     dtypes = {name: dtype_of(model) for name, model in models.items()}
     tokens = sum(count_tokens(stock, workload.texts)) * workload.calls
     texts = len(workload.texts) * workload.calls
-    peaks = {dtype: matmul_peak_flops(device, dtype, PEAK_MATMUL_SIZE) for dtype in set(dtypes.values())}
+    peaks = {dtype: matmul_peak_flops(device, dtype, measure.PEAK_MATMUL_SIZE) for dtype in set(dtypes.values())}
     flops_per_token = 2 * non_embedding_parameters(stock)
 
     warmup = warm_up(models, workload, batch_sizes)
@@ -449,6 +291,7 @@ def run_bench(args: argparse.Namespace) -> int:
                            **agreement(passes["stock"][-1].embeddings, passes["st_npu"][-1].embeddings)})
 
     report = _report(args, device, dtypes, workload, texts, tokens, peaks, flops_per_token, warmup, rows, checks)
+    report["model_name"] = model_name(args.model, ours.model_spec)
     print(format_report(report))
     if args.json_path:
         with atomic_file(Path(args.json_path)) as handle:
@@ -474,6 +317,15 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, unit="pass", desc="bench", file=sys.stderr)
 
 
+def model_name(model: str, spec: dict[str, Any] | None) -> str:
+    """What a reader calls the model: its known name, its hub id, or a local folder's last two path parts
+    (sentence-transformers folders are often called just ``model``)."""
+    if spec:
+        return spec["name"]
+    path = Path(model)
+    return "/".join(path.resolve().parts[-2:]) if path.exists() else model
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -481,10 +333,12 @@ def _name(dtype: torch.dtype) -> str:
 def _report(args: argparse.Namespace, device: torch.device, dtypes: dict[str, torch.dtype], workload: Workload,
             texts: int, tokens: int, peaks: dict[torch.dtype, float], flops_per_token: int,
             warmup: dict[str, Any] | None, rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> dict[str, Any]:
+    from st_npu.devices import cpu_bf16_units, cpu_name
     from st_npu.verify import versions
 
     return {
         "model": args.model,
+        "cpu": {"name": cpu_name(), "bf16_units": cpu_bf16_units()},
         "device": str(device),
         "emulated": is_emulated(device),
         "threads": torch.get_num_threads(),
@@ -494,7 +348,7 @@ def _report(args: argparse.Namespace, device: torch.device, dtypes: dict[str, to
         "repeats": args.repeats,
         "pass_chosen": "best (shortest time)",
         "matmul_peak_flops": {_name(dtype): flops for dtype, flops in peaks.items()},
-        "matmul_peak_size": PEAK_MATMUL_SIZE,
+        "matmul_peak_size": measure.PEAK_MATMUL_SIZE,
         "flops_per_token": flops_per_token,
         "warmup": warmup,
         "rows": rows,
@@ -504,92 +358,3 @@ def _report(args: argparse.Namespace, device: torch.device, dtypes: dict[str, to
         "agreement_passed": all(check["passed"] for check in checks),
         "versions": versions(),
     }
-
-
-# --- output -----------------------------------------------------------------------------------------------
-
-COLUMNS = (("batch", 6), ("model", 8), ("dtype", 10), ("sent/s", 10), ("tok/s", 11), ("p50 ms", 9), ("p95 ms", 9),
-           ("pad eff", 8), ("compiles", 9), ("peak MiB", 10), ("% peak", 8), ("speed x", 8), ("mem x", 6))
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per (batch size, model); the ``x`` columns are st_npu / stock at that batch size."""
-    lines = ["".join(f"{title:<{width}}" for title, width in COLUMNS).rstrip()]
-    for row in rows:
-        ratio = row.get("ratio") or {}
-        memory = row["peak_memory_bytes"]
-        cells = (row["batch_size"], row["model"], row["dtype"], _number(row["sentences_per_s"], ".1f"),
-                 _number(row["tokens_per_s"], ",.0f"), _number(row["latency_p50_ms"], ".1f"),
-                 _number(row["latency_p95_ms"], ".1f"), _number(row["padding_efficiency"], ".2f"),
-                 _number(row["compiles"], "d"), _number(None if memory is None else memory / 2**20, ",.1f"),
-                 _number(None if row["peak_share"] is None else row["peak_share"] * 100, ".1f"),
-                 _number(ratio.get("sentences_per_s"), ".2f", "x"), _number(ratio.get("peak_memory_bytes"), ".2f", "x"))
-        lines.append("".join(f"{cell!s:<{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True)).rstrip())
-    return "\n".join(lines)
-
-
-def _number(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def format_report(report: dict[str, Any]) -> str:
-    workload, dtypes, warmup = report["workload"], report["dtypes"], report["warmup"]
-    calls = f" x {workload['calls_per_pass']} calls" if workload["calls_per_pass"] > 1 else ""
-    peaks = ", ".join(f"{dtype} {flops / 1e9:,.1f} GFLOP/s" for dtype, flops in report["matmul_peak_flops"].items())
-    size = report["matmul_peak_size"]
-    emulated = " (emulated: compile counts are real; times and memory are the CPU behind it)"
-    warmed = (f"st_npu compiled {warmup['shapes']} static shapes for batch {warmup['batch_size']} in "
-              f"{warmup['seconds']:.1f} s (not in the times)" if warmup else
-              "one untimed batch per model and batch size (st_npu static shapes are off here)")
-    lines = [
-        f"st-npu bench: {report['model']} on {report['device']}{emulated if report['emulated'] else ''}",
-        f"  models      stock {dtypes['stock']} vs st_npu {dtypes['st_npu']}, {report['threads']} CPU threads",
-        f"  workload    {workload['name']}: {workload['texts_per_call']} texts{calls}, "
-        + f"{workload['tokens_per_pass']:,} real tokens per pass",
-        f"  passes      {report['repeats']} per model and batch size, alternating; rows show the fastest pass, "
-        + "the first's compiles, the lowest peak memory",
-        "  latency     forward of one batch (first module in to last module out, synchronized)",
-        f"  FLOP/s      real tokens x {report['flops_per_token']:,} (2 x non-embedding parameters) / time; "
-        + "attention's own FLOPs ignored",
-        f"  matmul peak {peaks} ({size}x{size}, best of {PEAK_MATMUL_REPEATS})",
-        f"  warm-up     {warmed}",
-        "",
-        format_table(report["rows"]),
-        "",
-    ]
-    for check in report["agreement"]:
-        verdict = "ok" if check["passed"] else (f"FAIL: needs cosine >= {MIN_COSINE} and centered cosine >= "
-                                                f"{MIN_CENTERED_COSINE} for every text")
-        lines.append(f"  agreement at batch {check['batch_size']}: cosine min {check['min_cosine']:.6f} mean "
-                     f"{check['mean_cosine']:.6f}, centered min {check['min_centered_cosine']:.6f}, max |diff| "
-                     f"{check['max_abs_diff']:.2e}  {verdict}")
-    installed = ", ".join(f"{name} {version}" for name, version in report["versions"].items() if version)
-    lines.append(f"  versions    {installed}")
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Sentences/s against batch size for both models, log x axis, to a PNG."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UsageError(f"--plot needs matplotlib: {PLOT_HINT}") from None
-    figure = Figure(figsize=(7, 4.5), layout="tight")
-    axes = figure.subplots()
-    for name in MODELS:
-        rows = [row for row in report["rows"] if row["model"] == name]
-        axes.plot([row["batch_size"] for row in rows], [row["sentences_per_s"] for row in rows], marker="o",
-                  label=f"{name} ({report['dtypes'][name]})")
-    axes.set_xscale("log", base=2)
-    sizes = sorted({row["batch_size"] for row in report["rows"]})
-    axes.set_xticks(sizes, [str(size) for size in sizes])
-    axes.set_ylim(bottom=0)  # ratios read true only from a zero baseline
-    axes.set_xlabel("batch size")
-    axes.set_ylabel("sentences / s")
-    device = f"{report['device']} (emulated)" if report["emulated"] else report["device"]
-    axes.set_title(f"{Path(report['model']).name} on {device}: st_npu {report['dtypes']['st_npu']} "
-                   f"vs stock {report['dtypes']['stock']} ({report['workload']['name']})")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    with atomic_file(path) as handle:
-        figure.savefig(handle, format="png")

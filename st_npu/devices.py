@@ -9,13 +9,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import platform
 import re
 import sys
+import warnings
 from types import ModuleType
 
 import torch
 
-from st_npu.doctor import INSTALL_HINT, explain_torch_npu_failure
+from st_npu.hints import INSTALL_HINT, explain_torch_npu_failure
 
 ACCELERATOR_TYPES = ("npu", "cuda", "mps", "xpu")
 KNOWN_TYPES = ("auto", "cpu", *ACCELERATOR_TYPES)
@@ -146,8 +148,37 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise ValueError(f"Unsupported dtype {dtype!r}: use float32, float16 or bfloat16 (or the torch dtypes).")
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as figures measured on it should say (the CPUs of machines here differ)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's bfloat16 matrix units (``"AMX"``, ``"AVX512-BF16"``), or None where torch emulates bfloat16."""
+    probes = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
+    units = [unit for unit, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
+    return ", ".join(units) or None
+
+
+_warned_slow_bf16 = False
+
+
 def check_dtype_supported(device: torch.device, dtype: torch.dtype | None) -> None:
-    """bf16 on an Ascend chip without bf16 units would fail deep inside CANN; say so up front."""
+    """bf16 on an Ascend chip without bf16 units would fail deep inside CANN: say so up front. bf16 on a CPU
+    without bf16 units runs, about 3x slower than float32 (torch emulates it): warn once per process."""
+    global _warned_slow_bf16
+    if device.type == "cpu" and dtype == torch.bfloat16 and not _warned_slow_bf16 and cpu_bf16_units() is None:
+        _warned_slow_bf16 = True
+        warnings.warn(f"bfloat16 on this CPU ({cpu_name()}) is emulated: it has neither AMX nor AVX512-BF16, so "
+                      f"bfloat16 runs about 3x slower than float32 here. Use dtype='float32' on this machine.",
+                      RuntimeWarning, stacklevel=3)
     if device.type == "npu" and dtype == torch.bfloat16:
         chip = torch.npu.get_device_name(device.index or 0)
         if CHIPS_WITHOUT_BF16.match(chip):

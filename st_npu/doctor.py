@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CANN_HINT = "source /usr/local/Ascend/ascend-toolkit/set_env.sh (the CANN toolkit) before starting Python"
-INSTALL_HINT = 'pip install "st-npu[npu]" (torch-npu must have the same version as torch, here {torch})'
+from st_npu.hints import CANN_HINT, INSTALL_HINT
+
 CANN_ENV_VARS = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH")
 DEFAULT_CANN_HOME = Path("/usr/local/Ascend/ascend-toolkit/latest")
 REPORTED_ENV = ("ASCEND_RT_VISIBLE_DEVICES", "TORCH_DEVICE_BACKEND_AUTOLOAD", "TASK_QUEUE_ENABLE", "LOCAL_RANK",
@@ -25,22 +25,6 @@ PACKAGES = ("torch", "torch-npu", "sentence-transformers", "transformers", "toke
 # Probe run with autoload off: it shows why torch_npu itself fails once torch no longer hides it.
 TORCH_NPU_PROBE = "import torch, torch_npu; print(torch.npu.device_count())"
 
-
-CANN_LIBRARY = re.compile(r"lib(hccl|ascend\w*|acl\w*|runtime|ge_runner|graph)\.so")
-
-
-def is_torch_npu_failure(exc: BaseException) -> bool:
-    """Whether an import failed because torch_npu could not load (and not for an unrelated reason)."""
-    text = str(exc)
-    return bool(CANN_LIBRARY.search(text)) or "torch_npu" in text
-
-
-def explain_torch_npu_failure(exc: BaseException | str) -> str:
-    """Turn torch_npu's import failures (with or without torch's autoload) into a message with the fix."""
-    text = str(exc).strip()
-    if CANN_LIBRARY.search(text) or "backend extension" in text:
-        return f"torch_npu is installed but the Ascend CANN libraries are not loaded ({text}). Fix: {CANN_HINT}."
-    return f"torch_npu is installed but failed to load: {text}"
 
 
 def installed_version(distribution: str) -> str | None:

@@ -24,6 +24,7 @@ manager, and ``st-npu run script.py`` runs a script with it active (``run_script
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import os
 import runpy
@@ -245,17 +246,34 @@ def run_script(script: str, args: list[str]) -> int:
     path = Path(script)
     if not path.is_file():
         raise FileNotFoundError(f"no such script: {script}")
+    # As `python script.py` does, for the script's own imports.
+    return _run_as_main(lambda: runpy.run_path(script, run_name="__main__"), [script, *args],
+                        str(path.resolve().parent), os.path.abspath(script))
+
+
+def run_module(module: str, args: list[str]) -> int:
+    """``python -m module args`` with the patch active: the module runs as ``__main__``, the current folder first
+    on ``sys.path``; exit code and restoration as :func:`run_script`."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ModuleNotFoundError(f"no module named {module!r}")
+    origin = spec.origin if spec.submodule_search_locations is None else None
+    return _run_as_main(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True),
+                        [origin or module, *args], os.getcwd(), origin)
+
+
+def _run_as_main(run: Callable[[], object], argv: list[str], path_entry: str, main_file: str | None) -> int:
     saved_argv, saved_path = sys.argv, sys.path[:]
-    sys.argv = [script, *args]
-    sys.path.insert(0, str(path.resolve().parent))  # as `python script.py` does, for the script's own imports
+    sys.argv = argv
+    sys.path.insert(0, path_entry)
     try:
         with patch():
-            runpy.run_path(script, run_name="__main__")
+            run()
         return 0
     except SystemExit as exit_request:
         return _exit_status(exit_request.code)
     except Exception as exc:
-        _print_script_traceback(exc, path)
+        _print_user_traceback(exc, main_file)
         return 1
     finally:
         sys.argv = saved_argv
@@ -271,11 +289,11 @@ def _exit_status(code: object) -> int:
     return 1
 
 
-def _print_script_traceback(exc: Exception, script: Path) -> None:
-    # Start at the script's first frame, as `python script.py` would, hiding st_npu's and runpy's frames; a
+def _print_user_traceback(exc: Exception, main_file: str | None) -> None:
+    # Start at the user's first frame, as `python script.py` would, hiding st_npu's and runpy's frames; a
     # SyntaxError has no such frame and prints as Python prints it, without a traceback.
-    target = os.path.abspath(script)
     tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != target:
-        tb = tb.tb_next
+    if main_file is not None:
+        while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != main_file:
+            tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb)

@@ -25,10 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from st_npu.cli import UsageError, atomic_file, load_model
 from st_npu.doctor import installed_version
+from st_npu.errors import UsageError
 from st_npu.folder import resolve_model_path
-from st_npu.workloads import load_texts, seed_sentences
+from st_npu.inputs import read_texts
+from st_npu.options import load_model
+from st_npu.outputs import atomic_file
+from st_npu.workloads import seed_sentences
 
 MIN_PEARSON = 0.99
 NEIGHBOURS = 5
@@ -163,7 +166,7 @@ def compare(reference: np.ndarray, target: np.ndarray, texts: Sequence[str], thr
 
 def verify_texts(extra_file: str | None = None) -> list[str]:
     """The built-in 23 sentences, then the lines of ``extra_file``."""
-    return seed_sentences() + (load_texts(extra_file) if extra_file else [])
+    return seed_sentences() + (read_texts(extra_file) if extra_file else [])
 
 
 def encode(model: Any, texts: Sequence[str]) -> np.ndarray:
@@ -186,14 +189,14 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def cpu_model(model_name_or_path: str) -> Any:
+def cpu_model(model_name_or_path: str, spec: str | None = None) -> Any:
     """The reference setup: a separate instance of the model on the CPU in float32."""
-    return load_model(argparse.Namespace(model=model_name_or_path, device="cpu", dtype="float32"))
+    return load_model(argparse.Namespace(model=model_name_or_path, device="cpu", dtype="float32", spec=spec))
 
 
-def cpu_reference(model_name_or_path: str, texts: Sequence[str]) -> np.ndarray:
+def cpu_reference(model_name_or_path: str, texts: Sequence[str], spec: str | None = None) -> np.ndarray:
     """The reference embeddings of ``texts``."""
-    return encode(cpu_model(model_name_or_path), texts)
+    return encode(cpu_model(model_name_or_path, spec), texts)
 
 
 def verify(model: Any, reference_embeddings: np.ndarray, texts: Sequence[str],
@@ -338,7 +341,7 @@ def run_verify(args: argparse.Namespace) -> int:
         source = {"source": args.reference, **{key: metadata[key] for key in ("device", "dtype", "versions")}}
     else:
         model = load_model(args)  # first, so that a bad device fails before the reference is computed
-        reference = cpu_reference(args.model, texts)
+        reference = cpu_reference(args.model, texts, args.spec)
         source = {"source": "computed", "device": "cpu", "dtype": "float32"}
     report = {"model": args.model, **verify(model, reference, texts, args.threshold), "reference": source,
               "texts_file": args.texts, "versions": versions()}
@@ -349,7 +352,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _save(args: argparse.Namespace, texts: list[str]) -> int:
-    model = cpu_model(args.model)
+    model = cpu_model(args.model, args.spec)
     embeddings = encode(model, texts)
     identity = model_identity(resolve_model_path(args.model), model.model_spec)
     metadata = reference_metadata(args.model, identity, texts, args.texts, embeddings)

@@ -1,4 +1,4 @@
-"""Texts to embed: the seed's 23 test sentences, a mixed-length zh/en corpus, and user text files.
+"""Texts to embed: the seed's 23 test sentences and a mixed-length zh/en corpus (user files: ``st_npu.inputs``).
 
 The mixed corpus is real text that is already on disk after ``pip install``: English from the docstrings of
 standard-library modules and the Python reference topics (``pydoc_data``), Chinese from the corpora shipped
@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import gc
 import importlib.util
-import os
 import random
 import re
 import sysconfig
@@ -33,21 +32,6 @@ _EN_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 def seed_sentences() -> list[str]:
     """The 23 sentences the original port judged accuracy and measured throughput on."""
     return list(load_config("sentences/seed.json")["sentences"])
-
-
-def load_texts(path: str | os.PathLike[str]) -> list[str]:
-    """One text per line of a UTF-8 file; blank lines are skipped, a bad byte names the file and line."""
-    texts = []
-    # Decoding line by line is what lets the error say where the bad bytes are.
-    lines = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines()
-    for number, raw in enumerate(lines, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        if line.strip():
-            texts.append(line)
-    return texts
 
 
 def mixed_corpus(n: int | None = None) -> list[str]:

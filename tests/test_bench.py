@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import needs_emulator
 
-from st_npu import bench, cli
+from st_npu import bench, bench_report, cli, measure
 
 BATCH_SIZES = (4, 8)
 LIMIT = 24
@@ -29,7 +29,7 @@ def bench_cli(*args: str) -> tuple[int, str]:
 
 @pytest.fixture(autouse=True)
 def small_peak_matmul(monkeypatch):
-    monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE", 128)
+    monkeypatch.setattr(measure, "PEAK_MATMUL_SIZE", 128)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def cpu_run(tiny_cls, tmp_path_factory):
     """One CPU run at two batch sizes: (exit code, stdout, JSON report, plot path or None)."""
     folder = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bench, "PEAK_MATMUL_SIZE", 128)
+        patch.setattr(measure, "PEAK_MATMUL_SIZE", 128)
         plot = folder / "plot.png" if bench.importlib.util.find_spec("matplotlib") else None
         code, out = bench_cli("--model", tiny_cls, "--device", "cpu", "--batch-sizes", ",".join(map(str, BATCH_SIZES)),
                               "--limit", LIMIT, "--repeats", 2, "--json", folder / "report.json",
@@ -138,7 +138,7 @@ def test_seed_workload_repeats_the_sentences():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm (Linux)")
 def test_rss_sampler_catches_a_peak_freed_before_stop():
-    sampler = bench.RssSampler()
+    sampler = measure.RssSampler()
     sampler.start()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, every page written
     time.sleep(0.1)
@@ -171,7 +171,7 @@ def test_format_table_one_line_per_row_with_ratios():
     rows = [{**base, "batch_size": 32, "model": "stock", "sentences_per_s": 100.0, "ratio": None},
             {**base, "batch_size": 32, "model": "st_npu", "dtype": "bfloat16", "sentences_per_s": 412.0,
              "compiles": 0, "ratio": {"sentences_per_s": 4.12, "peak_memory_bytes": 0.5}}]
-    header, stock, ours = bench.format_table(rows).splitlines()
+    header, stock, ours = bench_report.format_table(rows).splitlines()
     assert header.split()[:4] == ["batch", "model", "dtype", "sent/s"] and "speed x" in header
     assert stock.split() == ["32", "stock", "float32", "100.0", "12,346", "1.2", "2.5", "0.80", "-", "3.0", "12.3",
                              "-", "-"]

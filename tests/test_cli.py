@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import needs_emulator, run_cli
+from conftest import REPO, needs_emulator, run_cli
 
 import st_npu
-from st_npu import cli
+from st_npu import cli, outputs
 
 
 @needs_emulator
@@ -31,22 +33,60 @@ def _umask() -> int:
     return mask
 
 
-def test_embed_batch_file_with_the_seed_spellings_writes_jsonl(tiny_cls, tmp_path, capsys):
+def test_embed_batch_file_keeps_one_row_per_line(tiny_cls, tmp_path, capsys):
+    """A blank line is the text "": row i of the output is line i of the file, in .jsonl and .npy alike."""
     texts = tmp_path / "texts.txt"
-    texts.write_text("first line\n\nsecond line\n第三行\n", encoding="utf-8")
+    texts.write_text("first line\n\nsecond line\n\n第三行\n", encoding="utf-8")
+    lines = ["first line", "", "second line", "", "第三行"]
+    for output in (tmp_path / "out.jsonl", tmp_path / "out.npy"):
+        code = cli.main(["embed", "--model", str(tiny_cls), "--batch_file", str(texts), "--batch_size", "2",
+                         "--device", "cpu", "--output", str(output)])
+        assert code == 0
+        assert "count:     5" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [row["text"] for row in rows] == lines
+    matrix = np.load(tmp_path / "out.npy")
+    expected = st_npu.SentenceTransformer(str(tiny_cls), device="cpu").encode(lines, convert_to_numpy=True)
+    assert matrix.shape == (5, 32)
+    np.testing.assert_allclose(matrix, expected, atol=1e-6)
+    np.testing.assert_allclose(matrix, [row["embedding"] for row in rows], atol=1e-6)
+
+
+def test_embed_reads_jsonl_by_field(tiny_cls, tmp_path, capsys):
+    texts = tmp_path / "docs.jsonl"
+    texts.write_text('{"id": 7, "body": "alpha"}\n{"id": 8, "body": "beta"}\n', encoding="utf-8")
     output = tmp_path / "out.jsonl"
-    code = cli.main(["embed", "--model", str(tiny_cls), "--batch_file", str(texts), "--batch_size", "2",
-                     "--device", "cpu", "--output", str(output)])
-    assert code == 0
-    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
-    assert [row["text"] for row in rows] == ["first line", "second line", "第三行"]
-    assert all(len(row["embedding"]) == 32 for row in rows)
-    assert "count:     3" in capsys.readouterr().out
+    assert cli.main(["embed", "--model", str(tiny_cls), "--batch-file", str(texts), "--text-field", "body",
+                     "--device", "cpu", "--output", str(output)]) == 0
+    assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == ["alpha", "beta"]
+    assert cli.main(["embed", "--model", str(tiny_cls), "--batch-file", str(texts), "--device", "cpu"]) == 2
+    assert "line 1 has no field 'text'" in capsys.readouterr().err
+
+
+def test_embed_an_empty_file_gives_zero_rows_of_the_model_dimension(tiny_cls, tmp_path, recwarn):
+    texts = tmp_path / "empty.txt"
+    texts.write_bytes(b"")
+    output = tmp_path / "out.npy"
+    assert cli.main(["embed", "--model", str(tiny_cls), "--batch-file", str(texts), "--device", "cpu",
+                     "--output", str(output)]) == 0
+    assert np.load(output).shape == (0, 32)
+    ours = [w for w in recwarn if issubclass(w.category, FutureWarning) and "st_npu" in w.filename]
+    assert ours == [], [str(w.message) for w in ours]
+
+
+def test_embed_from_stdin_to_stdout_as_json_lines(tiny_cls):
+    result = subprocess.run([sys.executable, "-m", "st_npu", "embed", "--model", str(tiny_cls), "--device", "cpu",
+                             "--batch-file", "-", "--output", "-"], input="one\n\nthree\n", capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["text"] for row in rows] == ["one", "", "three"] and len(rows[0]["embedding"]) == 32
+    assert "count:     3" in result.stderr  # the summary stays off the data stream
 
 
 def test_embed_refuses_bad_output_before_loading(tiny_cls, tmp_path, capsys):
     assert cli.main(["embed", "--model", str(tiny_cls), "--text", "x", "--output", str(tmp_path / "out.csv")]) == 2
-    assert ".npy or .jsonl" in capsys.readouterr().err
+    assert ".npy or .jsonl file, or - for JSON lines" in capsys.readouterr().err
     missing = tmp_path / "no" / "out.npy"
     assert cli.main(["embed", "--model", str(tiny_cls), "--text", "x", "--output", str(missing)]) == 2
 
@@ -55,7 +95,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     output = tmp_path / "out.npy"
     output.write_bytes(b"old")
     with pytest.raises(KeyboardInterrupt):
-        with cli.atomic_file(output) as handle:
+        with outputs.atomic_file(output) as handle:
             handle.write(b"half")
             raise KeyboardInterrupt
     assert output.read_bytes() == b"old"
@@ -79,3 +119,36 @@ def test_info_reports_versions_and_emulated_npus():
     assert tuned["hints"] == []
     text = run_cli("info", env={"ST_NPU_EMULATE": "2"}).stdout
     assert "sentence-transformers" in text and "npu" in text and "problems               none" in text
+
+
+def test_version_and_help_on_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"st-npu {st_npu.__version__}"
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"st-npu {name}: option {action.option_strings or action.dest} has no help text"
+
+
+def test_a_bad_count_reads_as_must_be_a_positive_integer(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["embed", "--text", "x", "--batch-size", "zero"])
+    err = capsys.readouterr().err
+    assert "must be a positive integer, got 'zero'" in err and "_positive_int" not in err
+
+
+def test_run_a_module_like_python_dash_m(tmp_path):
+    package = tmp_path / "mytool"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import sys, sentence_transformers\n"
+        "patched = hasattr(sentence_transformers.SentenceTransformer.__init__, '__wrapped__')\n"
+        "print('args', sys.argv[1:], 'patched', patched)\n"
+        "sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-m", "st_npu", "run", "-m", "mytool", "a", "--b"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 3, result.stderr
+    assert "args ['a', '--b'] patched True" in result.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from st_npu.workloads import load_texts, mixed_corpus, seed_sentences
+from st_npu.workloads import mixed_corpus, seed_sentences
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 
@@ -78,16 +78,3 @@ def test_mixed_corpus_rejects_negative_n() -> None:
     assert mixed_corpus(0) == []
     with pytest.raises(ValueError):
         mixed_corpus(-1)
-
-
-def test_load_texts_skips_blank_lines(tmp_path: Path) -> None:
-    path = tmp_path / "texts.txt"
-    path.write_bytes("\ufefffirst\r\n\r\n   \nsecond 第二\n\n".encode("utf-8"))
-    assert load_texts(path) == ["first", "second 第二"]
-
-
-def test_load_texts_names_file_and_line_of_bad_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.txt"
-    path.write_bytes("good\n\nca\xf1on\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: line 3\b"):
-        load_texts(path)
