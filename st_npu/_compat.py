@@ -43,8 +43,13 @@ def module_class(type_name: str) -> type:
         return getattr(importlib.import_module(module_path), class_name)
 
 
+def stock_version() -> str:
+    return sentence_transformers.__version__
+
+
 def load_module(cls: type, folder: str, subfolder: str, **kwargs: Any) -> Any:
-    """``cls.load`` of one saved module, passing only the keyword arguments this release accepts."""
+    """``cls.load`` of one saved module with the loading keywords it names (a Pooling takes no model_kwargs);
+    keywords the release does not know at all are refused earlier, by the model's constructor."""
     accepted = {key: value for key, value in kwargs.items() if value is not None and _accepts(cls.load, key)}
     if _accepts(cls.load, "subfolder"):
         return cls.load(folder, subfolder=subfolder, **accepted)
@@ -68,6 +73,17 @@ def embedding_dimension(model: Any) -> int | None:
     """The model's output dimension, through whichever name this release gives the method (6.x renamed it)."""
     method = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     return method()
+
+
+def with_max_length(encode_kwargs: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """``encode`` keyword arguments that truncate this call's texts at ``max_length`` tokens, leaving the model's
+    ``max_seq_length`` (shared by every thread) alone; the caller's own ``processing_kwargs`` win."""
+    if not _accepts(Transformer.preprocess, "processing_kwargs"):
+        raise TypeError(f"sentence-transformers {sentence_transformers.__version__} cannot limit one encode call's "
+                        f"length (its Transformer.preprocess takes no processing_kwargs); upgrade it to 5.4 or newer")
+    given = encode_kwargs.get("processing_kwargs") or {}
+    text = {"max_length": max_length, **(given.get("text") or {})}
+    return {**encode_kwargs, "processing_kwargs": {**given, "text": text}}
 
 
 def stock_init_parameters() -> set[str]:

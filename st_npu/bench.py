@@ -232,7 +232,7 @@ def warm_up_st_npu(model: Any, batch_size: int) -> dict[str, Any] | None:
     if policy_of(model) is None:
         return None
     start = time.perf_counter()
-    shapes = model.warmup(batch_size)
+    shapes = model.warmup(batch_size, show_progress_bar=False)  # the bench reports its time itself
     synchronize(model.device)
     return {"batch_size": batch_size, "shapes": shapes, "seconds": time.perf_counter() - start}
 

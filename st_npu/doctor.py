@@ -17,6 +17,10 @@ from typing import Any
 
 from st_npu.hints import CANN_HINT, INSTALL_HINT
 
+# TORCH_DEVICE_BACKEND_AUTOLOAD=0 only lets `import torch` through: transformers still imports torch_npu as soon
+# as it finds it installed, and fails the same way, so the CPU needs an environment without torch-npu.
+NO_NPU_HINT = "pip uninstall torch-npu (or use a virtual environment without it)"
+
 CANN_ENV_VARS = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH")
 DEFAULT_CANN_HOME = Path("/usr/local/Ascend/ascend-toolkit/latest")
 REPORTED_ENV = ("ASCEND_RT_VISIBLE_DEVICES", "TORCH_DEVICE_BACKEND_AUTOLOAD", "TASK_QUEUE_ENABLE", "LOCAL_RANK",
@@ -71,7 +75,8 @@ def collect() -> dict[str, Any]:
         report["devices"]["cuda"] = {"count": torch.cuda.device_count(),
                                      "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     report["devices"]["npu"] = _npu_devices(problems, report["versions"])
-    if report["devices"]["npu"]["count"] and os.environ.get("TASK_QUEUE_ENABLE") != "2":
+    npu = report["devices"]["npu"]
+    if npu["count"] and not npu.get("emulated") and os.environ.get("TASK_QUEUE_ENABLE") != "2":
         # Short-text embedding is host-bound on Ascend (the seed port: ~25 ms per 23-sentence call); level 2
         # lets the host queue operators ahead of the device.
         report["hints"].append("export TASK_QUEUE_ENABLE=2 before starting Python: encode is host-bound on NPU")
@@ -87,7 +92,7 @@ def _torch_import_problem(exc: BaseException) -> dict[str, str]:
     detail = (probe.stderr.strip().splitlines() or [""])[-1]
     return {"problem": f"import torch fails because torch auto-loads torch_npu, which cannot start: {text} "
                        f"With autoload off, import torch_npu says: {detail}",
-            "fix": f"{CANN_HINT}; or, to use torch without the NPU, export TORCH_DEVICE_BACKEND_AUTOLOAD=0"}
+            "fix": f"{CANN_HINT}; or, to use torch on the CPU here, {NO_NPU_HINT}"}
 
 
 def _emulator_from_env(problems: list[dict[str, str]]) -> None:
@@ -131,7 +136,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"{'CANN':<22} {report['versions']['CANN'] or 'not found (looked in ' + report['cann_searched'] + ')'}")
     lines.append("devices")
     for kind, info in report["devices"].items():
-        detail = ", ".join(info.get("names", [])) or info.get("note", "")
+        names = info.get("names", [])
+        # Eight NPUs of one chip read as "8 x Ascend910B3", not the name eight times.
+        detail = ", ".join(f"{names.count(name)} x {name}" if names.count(name) > 1 else name
+                           for name in dict.fromkeys(names)) or info.get("note", "")
         lines.append(f"  {kind:<20} {info['count']}{' (emulated)' if info.get('emulated') else ''}"
                      f"{'  ' + detail if detail else ''}")
     if not report["devices"]:

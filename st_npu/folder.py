@@ -7,7 +7,9 @@ built only from a known-model spec in ``configs/models/``: the pooling of an unk
 
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,45 @@ def find_spec(*names: str | None) -> dict[str, Any] | None:
     return None
 
 
+def recognise_spec(folder: Path, model_id: str | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The known model a folder holds, from what its files and location say: the id it was asked for, the
+    folder's name and those above it (the hub cache keeps ``models--BAAI--llm-embedder/snapshots/<hash>``),
+    and the ``_name_or_path`` transformers records in ``config.json``."""
+    parts = [part.removeprefix("models--") for part in folder.resolve().parts[-4:]]
+    return find_spec(model_id, *parts, config.get("_name_or_path"))
+
+
+def resembled_spec(config: dict[str, Any], pooling_modes: list[str], normalize: bool) -> dict[str, Any] | None:
+    """A known model whose architecture and pooling this folder has, though nothing names it."""
+    for spec in known_specs():
+        architecture = spec["architecture"]
+        if (config.get("model_type") == architecture["model_type"]
+                and config.get("hidden_size") == architecture["hidden_size"]
+                and config.get("num_hidden_layers") == architecture.get("num_hidden_layers")
+                and pooling_modes == [spec["pooling_mode"]] and normalize == spec["normalize"]):
+            return spec
+    return None
+
+
+_warned_folders: set[Path] = set()
+
+
+def warn_unrecognised(folder: Path, spec: dict[str, Any]) -> None:
+    """Once per folder: it looks like ``spec`` but nothing says so, so its instructions are not registered."""
+    if folder.resolve() in _warned_folders:
+        return
+    _warned_folders.add(folder.resolve())
+    warnings.warn(
+        f"{folder} looks like {spec['name']} ({spec['description'].split(';')[0]}) but neither its name nor its "
+        f"files say so, so its task instructions are not registered and encode_query() adds none. If it is "
+        f"{spec['name']}, pass spec={spec['name']!r} (st-npu: --spec {spec['name']}).", UnrecognisedModelWarning,
+        stacklevel=4)
+
+
+class UnrecognisedModelWarning(UserWarning):
+    """A folder resembles a known model that nothing in it names (see ``spec=``)."""
+
+
 def spec_by_name(name: str) -> dict[str, Any]:
     spec = find_spec(name)
     if spec is None:
@@ -123,22 +164,48 @@ def resolve_model_path(
         if not any((folder / name).exists() for name in WEIGHT_FILES):
             folder = download(HUB_IGNORE)
     except Exception as exc:  # huggingface_hub raises many types: offline, not cached, 404, network
-        raise ModelNotFoundError(
-            f"Model {repo_id!r} is not a local folder and could not be fetched from the hub or found in its cache "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Download it once, e.g. "
-            f"`HF_ENDPOINT=https://hf-mirror.com hf download {repo_id} --local-dir ./{repo_id.replace('/', '--')}`, "
-            f"then pass that folder (or unset HF_HUB_OFFLINE so it can be fetched)."
-        ) from exc
+        raise ModelNotFoundError(_hub_failure(repo_id, exc, local_files_only, cache_folder)) from exc
     return folder
+
+
+def _hub_failure(repo_id: str, exc: Exception, local_files_only: bool, cache_folder: str | None) -> str:
+    """What went wrong fetching ``repo_id``, told apart: no such model, offline mode, or no network."""
+    from huggingface_hub import constants, errors
+
+    cache = cache_folder or constants.HF_HUB_CACHE
+    close = difflib.get_close_matches(repo_id, [spec["name"] for spec in known_specs()], n=1)
+    did_you_mean = f" Did you mean {close[0]!r}?" if close and close[0] != repo_id else ""
+    local = f"pass a local folder instead (e.g. one made by `hf download {repo_id} --local-dir DIR`)"
+    if isinstance(exc, errors.GatedRepoError):
+        reason = f"{repo_id!r} is gated: accept its terms on the hub and log in with `hf auth login`."
+    elif isinstance(exc, errors.RepositoryNotFoundError):
+        reason = f"the hub has no model {repo_id!r} (or it is private: log in with `hf auth login`).{did_you_mean}"
+    elif local_files_only or constants.HF_HUB_OFFLINE:
+        switch = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE is set)"
+        reason = (f"{repo_id!r} is not in the cache ({cache}) and {switch} forbids downloading it.{did_you_mean} "
+                  f"Download it where there is network, or {local}.")
+    elif isinstance(exc, errors.LocalEntryNotFoundError):
+        endpoint = constants.ENDPOINT
+        reason = (f"the hub ({endpoint}) could not be reached ({_first_line(exc.__cause__ or exc)}) and "
+                  f"{repo_id!r} is not in the cache ({cache}).{did_you_mean} Check the network, set HF_ENDPOINT "
+                  f"to a mirror you can reach (e.g. https://hf-mirror.com), or {local}.")
+    else:
+        reason = f"fetching it failed: {type(exc).__name__}: {_first_line(exc)}.{did_you_mean}"
+    return f"Model {repo_id!r} is not a local folder, and {reason}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def read_model_folder(folder: Path, spec: dict[str, Any] | None = None, model_id: str | None = None) -> ModelPlan:
     """Check a folder's files and describe the modules to build.
 
-    ``spec`` forces a known-model spec; otherwise one is looked up from ``model_id`` and the folder's name,
-    and used for its instructions (and, when there is no ``modules.json``, for the whole pipeline).
+    ``spec`` forces a known-model spec; otherwise one is recognised from ``model_id``, the folder's path and its
+    ``config.json`` (:func:`recognise_spec`), and used for its instructions (and, when there is no
+    ``modules.json``, for the whole pipeline). A folder that looks like a known model nothing names gets one
+    :class:`UnrecognisedModelWarning`.
     """
-    spec = spec or find_spec(model_id, folder.name)
     st_config = _read_optional(folder / "config_sentence_transformers.json")
     modules_file = folder / "modules.json"
     if modules_file.exists():
@@ -146,27 +213,32 @@ def read_model_folder(folder: Path, spec: dict[str, Any] | None = None, model_id
         transformer = next((m for m in modules if m.type.endswith("Transformer")), None)
         if transformer is None:
             raise ModelFolderError(f"{modules_file} lists no Transformer module; st_npu builds transformer models.")
-        hidden_size = _check_transformer_folder(folder / transformer.path)
-        for entry in modules:
-            if entry.type.endswith("Pooling"):
-                _check_pooling(folder / entry.path / "config.json", hidden_size)
-    elif spec is not None:
+        config = _check_transformer_folder(folder / transformer.path)
+        pooling_modes = [mode for entry in modules if entry.type.endswith("Pooling")
+                         for mode in _check_pooling(folder / entry.path / "config.json", config["hidden_size"])]
+        spec = spec or recognise_spec(folder, model_id, config)
+        normalize = any(entry.type.endswith("Normalize") for entry in modules)
+        look_alike = resembled_spec(config, pooling_modes, normalize)
+        if spec is None and look_alike is not None and look_alike.get("instructions"):
+            warn_unrecognised(folder, look_alike)
+    else:
         modules = None
-        hidden_size = _check_transformer_folder(folder)
-        if hidden_size != spec["architecture"]["hidden_size"]:
+        config = _check_transformer_folder(folder)
+        spec = spec or recognise_spec(folder, model_id, config)
+        if spec is None:
             raise ModelFolderError(
-                f"{folder / 'config.json'} has hidden_size {hidden_size}, but {spec['name']} has "
+                f"{modules_file} is missing, so the pooling of this model cannot be inferred (st_npu never guesses "
+                f"mean pooling). Add modules.json and 1_Pooling/config.json, or pass spec=<name> (st-npu: --spec) "
+                f"for a known model ({', '.join(s['name'] for s in known_specs())})."
+            )
+        if config["hidden_size"] != spec["architecture"]["hidden_size"]:
+            raise ModelFolderError(
+                f"{folder / 'config.json'} has hidden_size {config['hidden_size']}, but {spec['name']} has "
                 f"{spec['architecture']['hidden_size']}: this folder is not {spec['name']}."
             )
-    else:
-        raise ModelFolderError(
-            f"{modules_file} is missing, so the pooling of this model cannot be inferred (st_npu never guesses mean "
-            f"pooling). Add modules.json and 1_Pooling/config.json, or pass spec=<name> for a known model "
-            f"({', '.join(s['name'] for s in known_specs())})."
-        )
     return ModelPlan(
         folder=folder,
-        hidden_size=hidden_size,
+        hidden_size=config["hidden_size"],
         modules=modules,
         spec=spec,
         prompts=st_config.get("prompts") or {},
@@ -198,11 +270,15 @@ def _read_modules(path: Path) -> tuple[ModuleEntry, ...]:
     return tuple(entries)
 
 
-def _check_transformer_folder(folder: Path) -> int:
-    """config.json, tokenizer and weights are present and sane; returns the hidden size."""
-    config = _read_optional(folder / "config.json") if (folder / "config.json").exists() else None
-    if config is None:
+def _read_config(folder: Path) -> dict[str, Any]:
+    if not (folder / "config.json").exists():
         raise ModelFolderError(f"{folder / 'config.json'} is missing: the transformer's configuration is required.")
+    return _read_optional(folder / "config.json")
+
+
+def _check_transformer_folder(folder: Path) -> dict[str, Any]:
+    """config.json, tokenizer and weights are present and sane; returns config.json with ``hidden_size`` set."""
+    config = _read_config(folder)
     hidden_size = config.get("hidden_size", config.get("d_model", config.get("dim")))
     if not isinstance(hidden_size, int):
         raise ModelFolderError(f"{folder / 'config.json'} has no integer hidden_size.")
@@ -220,10 +296,10 @@ def _check_transformer_folder(folder: Path) -> int:
             f"{folder / 'sentence_bert_config.json'}: max_seq_length {max_seq_length} exceeds the model's "
             f"max_position_embeddings {max_positions} in config.json."
         )
-    return hidden_size
+    return {**config, "hidden_size": hidden_size}
 
 
-def _check_pooling(path: Path, hidden_size: int) -> None:
+def _check_pooling(path: Path, hidden_size: int) -> list[str]:
     config = _read_optional(path) if path.exists() else None
     if config is None:
         raise ModelFolderError(f"{path} is missing: the pooling configuration is required.")
@@ -235,3 +311,4 @@ def _check_pooling(path: Path, hidden_size: int) -> None:
     modes = config.get("pooling_mode") or [mode for key, mode in LEGACY_POOLING_KEYS.items() if config.get(key)]
     if not modes:
         raise ModelFolderError(f"{path} enables no pooling mode; st_npu will not fall back to mean pooling.")
+    return [modes] if isinstance(modes, str) else list(modes)

@@ -6,8 +6,6 @@ task instructions of llm-embedder prepended to queries and keys, with FlagEmbedd
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,8 @@ class LLMEmbedder:
     """``LLMEmbedder(model_path, device="npu").encode(["Hello world", ...])`` -> ``np.ndarray`` of shape (n, 768).
 
     ``encode_queries(texts, task="qa")`` and ``encode_keys(texts, task="qa")`` prepend the instruction of one of
-    llm-embedder's six tasks (qa, convsearch, chat, lrlm, icl, tool).
+    llm-embedder's six tasks (qa, convsearch, chat, lrlm, icl, tool). Safe to share between threads: the length
+    limits are per call, nothing of the model is changed.
     """
 
     def __init__(
@@ -48,23 +47,14 @@ class LLMEmbedder:
         return self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, **kwargs)
 
     def encode_queries(self, texts: str | list[str], task: str = "qa", batch_size: int = 32, **kwargs: Any) -> np.ndarray:
-        with self._max_length(self.spec["query_max_length"]):
-            return self.encode(texts, batch_size=batch_size, prompt_name=self._prompt(task, "query"), **kwargs)
+        """The task's query instruction prepended; 256 tokens at most (the model applies the limit per call)."""
+        return self.encode(texts, batch_size=batch_size, prompt_name=self._prompt(task, "query"), **kwargs)
 
     def encode_keys(self, texts: str | list[str], task: str = "qa", batch_size: int = 32, **kwargs: Any) -> np.ndarray:
-        with self._max_length(self.spec["key_max_length"]):
-            return self.encode(texts, batch_size=batch_size, prompt_name=self._prompt(task, "key"), **kwargs)
+        """The task's key instruction prepended; 512 tokens at most."""
+        return self.encode(texts, batch_size=batch_size, prompt_name=self._prompt(task, "key"), **kwargs)
 
     def _prompt(self, task: str, side: str) -> str:
         if task not in self.spec["instructions"]:
             raise ValueError(f"Unknown task {task!r}; llm-embedder's tasks are: {', '.join(self.tasks)}.")
         return f"{task}_{side}"
-
-    @contextlib.contextmanager
-    def _max_length(self, length: int) -> Iterator[None]:
-        saved = self.model.max_seq_length
-        self.model.max_seq_length = min(length, saved)
-        try:
-            yield
-        finally:
-            self.model.max_seq_length = saved

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from st_npu import _compat
 from st_npu.devices import check_dtype_supported, resolve_device, resolve_dtype
 from st_npu.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
+from st_npu.outputs import atomic_folder
 from st_npu.overlap import Prefetcher
 from st_npu.pipeline import build_modules, instruction_prompts
 from st_npu.pools import start_pool
@@ -61,9 +63,10 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         overlap: bool | None = None,
         **stock_kwargs: Any,
     ) -> None:
-        unknown = set(stock_kwargs) - _compat.stock_init_parameters() - set(LOADING_KWARGS)
-        if unknown:
-            raise TypeError(f"SentenceTransformer() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        unknown = set(stock_kwargs) - _compat.stock_init_parameters()
+        if unknown:  # e.g. tokenizer_kwargs, which sentence-transformers 5.x and 6.x call processor_kwargs
+            raise TypeError(f"SentenceTransformer() got unexpected keyword argument(s) {', '.join(sorted(unknown))}: "
+                            f"the installed sentence-transformers {_compat.stock_version()} does not take them")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         check_dtype_supported(torch_device, torch_dtype)
@@ -95,9 +98,14 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         if static_shapes:
             enable(self, static_shapes if isinstance(static_shapes, ShapePolicy) else None)
 
-    def warmup(self, batch_size: int = 32) -> int:
-        """Compile every static shape an encode with ``batch_size`` can meet, now; returns how many ran."""
-        return warmup(self, batch_size)
+    def warmup(self, batch_size: int = 32, show_progress_bar: bool = True) -> int:
+        """Compile every static shape an encode with ``batch_size`` can meet, now; returns how many ran.
+
+        On Ascend each shape compiles its operators once: BERT-base at batch 32 has 36 shapes, minutes in all
+        the first time (seconds once CANN's operator cache holds them). A progress bar counts the shapes and a
+        summary line gives the time.
+        """
+        return warmup(self, batch_size, show_progress_bar)
 
     def forward(self, input: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Stock forward; on a device out-of-memory error the batch is split in two and retried, in order."""
@@ -123,9 +131,13 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         return start_pool(target_devices, super().start_multi_process_pool)
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
-        """Stock ``encode``, after checking that every input is a string (stock fails deep in the tokenizer)."""
+        """Stock ``encode``, after checking that every input is a string (stock fails deep in the tokenizer),
+        with a known model's length limit for its instruction's side (llm-embedder: 256 tokens for a query)."""
         inputs = args[0] if args else kwargs.get("inputs", kwargs.get("sentences"))
-        check_texts(inputs)
+        check_texts(inputs, singular=isinstance(inputs, str) or self.is_singular_input(inputs))
+        limit = self.prompt_max_length(kwargs.get("prompt_name"))
+        if limit is not None and limit < self.max_seq_length:
+            kwargs = _compat.with_max_length(kwargs, limit)  # per call: self.max_seq_length is shared by threads
         prefetcher = self._prefetcher_for(inputs, args, kwargs)
         if prefetcher is None:
             return super().encode(*args, **kwargs)
@@ -138,6 +150,23 @@ class SentenceTransformer(_compat.TokenLengthSorted):
             prefetcher.close()
             self.last_overlap = {"hits": prefetcher.hits, "misses": prefetcher.misses}
 
+    def prompt_max_length(self, prompt_name: str | None) -> int | None:
+        """The token limit a known model's spec sets for texts with this prompt: llm-embedder caps queries
+        (``query``, ``{task}_query``) at 256 tokens and keys (``document``, ``{task}_key``) at 512, as
+        FlagEmbedding does; None for other prompts and models."""
+        if not self.model_spec or not prompt_name:
+            return None
+        for side, alias in (("query", "query"), ("key", "document")):
+            if prompt_name == alias or prompt_name.endswith(f"_{side}"):
+                return self.model_spec.get(f"{side}_max_length")
+        return None
+
+    def save(self, path: str, *args: Any, **kwargs: Any) -> None:
+        """Stock ``save``, written beside ``path`` and moved into place once complete: a failed save leaves
+        ``path`` as it was, never half a model."""
+        with atomic_folder(path) as staging:
+            super().save(str(staging), *args, **kwargs)
+
     def _prefetcher_for(self, inputs: Any, args: tuple, kwargs: dict[str, Any]) -> Prefetcher | None:
         """A prefetcher when this encode is local and has more than one batch to overlap."""
         batch_size = kwargs.get("batch_size", 32)
@@ -146,26 +175,49 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         if isinstance(kwargs.get("device"), list) or len(inputs) <= batch_size:
             return None
         batches = _compat.predicted_batches(self, list(inputs), batch_size)
-        stock_preprocess = super().preprocess
-        return None if batches is None else Prefetcher(stock_preprocess, batches)
+        return None if batches is None else Prefetcher(self._stock_preprocess, batches)
 
     def preprocess(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """Stock ``preprocess``, served from the running encode's prefetcher when it has one."""
         prefetcher = _active.__dict__.get("by_model", {}).get(id(self))
         if prefetcher is None or args:
-            return super().preprocess(inputs, *args, **kwargs)
+            return self._stock_preprocess(inputs, *args, **kwargs)
         return prefetcher(inputs, **kwargs)
 
+    def _stock_preprocess(self, *args: Any, **kwargs: Any) -> Any:
+        with tokenizer_lock(self.tokenizer):
+            return super().preprocess(*args, **kwargs)
 
-def check_texts(inputs: Any) -> None:
-    """Raise a TypeError naming the first non-string input and its position."""
+
+# A fast tokenizer sets truncation on its one Rust object before each call: two threads tokenizing through it with
+# different lengths (a 256-token query, a 512-token key) cut each other's texts. One lock per tokenizer, kept
+# outside the model, which must stay picklable for multi-process pools.
+_tokenizer_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_tokenizer_locks_guard = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    with _tokenizer_locks_guard:
+        return _tokenizer_locks.setdefault(tokenizer, threading.Lock())
+
+
+class InvalidInputError(TypeError, ValueError):
+    """An input that is not a string: a ValueError as stock raises it, and a TypeError as it is one."""
+
+
+def check_texts(inputs: Any, singular: bool) -> None:
+    """Raise naming the first non-string input and its position; ``singular`` is stock's reading of ``inputs``
+    (only lists, tuples and arrays are batches: a generator or a set is one input, which is no text)."""
     if isinstance(inputs, str):
         return
-    if inputs is None:
-        raise TypeError("encode() needs a string or a list of strings, got None.")
+    if singular:
+        kind = "None" if inputs is None else type(inputs).__name__
+        raise InvalidInputError(f"encode() needs a string or a list or tuple of strings, got {kind}"
+                                f"{'; pass list(...) of it' if hasattr(inputs, '__iter__') else ''}.")
     for position, item in enumerate(inputs):
         if not isinstance(item, str):
-            raise TypeError(f"encode() input at index {position} is {type(item).__name__} ({item!r:.40}), expected str.")
+            raise InvalidInputError(
+                f"encode() input at index {position} is {type(item).__name__} ({item!r:.40}), expected str.")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

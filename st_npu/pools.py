@@ -7,11 +7,14 @@ stock's class while ``st_npu.patch()`` is active.
 
 from __future__ import annotations
 
+import ast
+import multiprocessing
 import queue
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +23,9 @@ from st_npu.devices import load_torch_npu, names_npu, npu_count, resolve_device
 
 # How often a pool's result queue is re-read while waiting, to look for dead workers in between.
 POLL_S = 1.0
+# A probe worker re-runs the top level of a script without main guard; a script that runs longer than this
+# before starting its pool is given the benefit of the doubt.
+PROBE_TIMEOUT_S = 120.0
 
 
 class WorkerDiedError(RuntimeError):
@@ -34,15 +40,63 @@ def start_pool(target_devices: Sequence[str | torch.device] | None, start: Calla
     - Each spawned worker loads the npu backend (torch_npu, or the parent's emulator: a parent that installed it
       in-process without ``ST_NPU_EMULATE`` still gets workers with it) before it unpickles the model.
     - A worker that dies makes the parent raise ``WorkerDiedError`` within about ``POLL_S`` seconds, on 5.x too
-      (whose stock waits forever), and stops the pool's other workers.
+      (whose stock waits forever), and stops the pool's other workers; one that would die while starting, because
+      the script has no main guard, is found first (:func:`check_main_reimports`).
 
     Safe to apply twice (an ``st_npu.SentenceTransformer`` under the patch goes through it twice).
     """
     devices = pool_devices(target_devices)
+    check_main_reimports()
     pool = start(devices)
     if not isinstance(pool["output"], WatchedResults):
         pool["output"] = WatchedResults(pool["output"], pool["input"], pool["processes"], devices)
     return pool
+
+
+def check_main_reimports() -> None:
+    """Raise ``WorkerDiedError`` when a spawned worker cannot get past importing this process's main script.
+
+    A spawned worker imports the parent's ``__main__`` script before it reads anything else. A script without
+    ``if __name__ == "__main__":`` then starts a pool of its own inside the worker, and the worker dies of
+    Python's bootstrapping error while the parent, writing the pickled model into the worker's pipe, blocks in
+    ``Process.start`` forever. So a guard-less script is first tried with a worker that carries nothing.
+    """
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path is None or has_main_guard(Path(path)):
+        return
+    probe = multiprocessing.get_context("spawn").Process(target=_started, name="st_npu-pool-probe", daemon=True)
+    probe.start()
+    probe.join(PROBE_TIMEOUT_S)
+    if probe.exitcode is None:  # still running the script's top level: nothing to tell yet, let the pool try
+        probe.terminate()
+        return
+    if probe.exitcode != 0:
+        raise WorkerDiedError(
+            f"A multi-process pool worker (pid {probe.pid}) died while starting, with exit code {probe.exitcode} "
+            f"(its error is printed above): a spawned worker first imports your script {path}, which has no "
+            f'`if __name__ == "__main__":` guard, so the worker re-ran it and tried to start a pool of its own. '
+            f'Put the code that starts the pool (encode with a list of devices, start_multi_process_pool) under '
+            f'`if __name__ == "__main__":`.'
+        )
+
+
+def has_main_guard(script: Path) -> bool:
+    """Whether a script compares ``__name__`` with ``"__main__"`` anywhere (unreadable: assume it does)."""
+    try:
+        tree = ast.parse(script.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return True
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and len(node.comparators) == 1:
+            sides = [node.left, node.comparators[0]]
+            if any(isinstance(side, ast.Name) and side.id == "__name__" for side in sides) and any(
+                    isinstance(side, ast.Constant) and side.value == "__main__" for side in sides):
+                return True
+    return False
+
+
+def _started() -> None:
+    """A probe worker's whole task: having got this far, the main script imports fine in a worker."""
 
 
 def pool_devices(target_devices: Sequence[str | torch.device] | None) -> list[str] | None:

@@ -15,7 +15,9 @@ both.
 from __future__ import annotations
 
 import bisect
+import sys
 import threading
+import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -166,21 +168,29 @@ def policy_of(model: Any) -> ShapePolicy | None:
     return padder.policy.for_model(model.max_seq_length) if isinstance(padder, _PaddedPreprocess) else None
 
 
-def warmup(model: Any, batch_size: int = 32) -> int:
+def warmup(model: Any, batch_size: int = 32, show_progress_bar: bool = True) -> int:
     """Run every bucket shape through ``encode`` so later encodes compile nothing; returns the shape count.
 
     Each shape runs twice, from real text of exactly the bucket's token count: once with every row full
     (transformers then skips the attention mask) and once with one row short (the masked path that padded
     batches take), so the whole encode path (tokenizer, transfer, forward, pooling, copy back) is exercised.
+    A progress bar counts the shapes, and a summary line on standard error says how long they took.
     """
+    from tqdm.auto import tqdm
+
     policy = policy_of(model)
     if policy is None:
         raise RuntimeError("warmup() needs static shapes: without them every new batch shape compiles anyway.")
     shapes = policy.shapes(batch_size)
-    for rows, length in shapes:
+    start = time.perf_counter()
+    for rows, length in tqdm(shapes, desc=f"st_npu warm-up on {model.device}", unit="shape",
+                             disable=not show_progress_bar):
         full = _text_of(length)
         model.encode([full] * rows, batch_size=rows, show_progress_bar=False)
         model.encode([full] * (rows - 1) + [_text_of(1)], batch_size=rows, show_progress_bar=False)
+    if show_progress_bar:
+        tqdm.write(f"st_npu warm-up: {len(shapes)} shapes (up to {shapes[-1][0]} rows x {shapes[-1][1]} tokens) "
+                   f"on {model.device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return len(shapes)
 
 

@@ -57,3 +57,16 @@ def test_library_raises_the_fix_on_first_use(tiny_cls):
         env=broken(autoload=False),
     )
     assert "CANN libraries are not loaded" in result.stdout and CANN_FIX in result.stdout, result.stderr
+
+
+def test_the_advice_for_the_cpu_is_one_that_works(tiny_cls):
+    """Autoload off lets `import torch` pass, but transformers still imports the broken torch_npu: only an
+    environment without torch-npu runs on the CPU, and that is what info advises."""
+    autoload_off = run_cli("embed", "--model", str(tiny_cls), "--text", "hi", "--device", "cpu",
+                           env=broken(autoload=False))
+    assert autoload_off.returncode == 2 and "CANN libraries are not loaded" in autoload_off.stderr
+    fix = run_cli("info", env=broken()).stdout
+    assert "pip uninstall torch-npu" in fix and "TORCH_DEVICE_BACKEND_AUTOLOAD=0" not in fix.split("fix:")[-1]
+    without_torch_npu = run_cli("embed", "--model", str(tiny_cls), "--text", "hi", "--device", "cpu",
+                                env={"ST_NPU_EMULATE": ""})
+    assert without_torch_npu.returncode == 0, without_torch_npu.stderr

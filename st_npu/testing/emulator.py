@@ -131,6 +131,15 @@ class _NpuTensor(torch.Tensor):
         return torch._utils._rebuild_device_tensor_from_cpu_tensor, (
             self.cpu(), self.dtype, str(self.device), self.requires_grad)
 
+    # A torch_npu tensor has a device storage with a real pointer, which savers read (safetensors and transformers
+    # tell shared weights apart by storage pointer and size); a wrapper has none. The CPU data's storage stands in:
+    # the same pointer identity and byte count, though its device reads cpu where Ascend's reads npu.
+    def untyped_storage(self) -> torch.UntypedStorage:
+        return self._cpu.untyped_storage()
+
+    def data_ptr(self) -> int:
+        return self._cpu.data_ptr()
+
     def numpy(self, *, force: bool = False) -> Any:
         # What torch says for any device tensor (torch.Tensor would only say subclasses are unsupported).
         if force:
