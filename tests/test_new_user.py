@@ -222,3 +222,21 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_bfloat16_on_a_cpu_without_bf16_units_warns_once(tiny_cls, monkeypatch):
+    """Item 11: there bfloat16 is emulated and about 3x slower than float32."""
+    from st_npu import devices
+
+    monkeypatch.setattr(devices, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(devices, "_warned_slow_bf16", False)
+    with pytest.warns(RuntimeWarning, match="neither AMX nor AVX512-BF16.*3x slower"):
+        st_npu.SentenceTransformer(str(tiny_cls), device="cpu", dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        st_npu.SentenceTransformer(str(tiny_cls), device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(devices, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(devices, "_warned_slow_bf16", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        st_npu.SentenceTransformer(str(tiny_cls), device="cpu", dtype="bfloat16")
