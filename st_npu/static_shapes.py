@@ -166,8 +166,11 @@ def policy_of(model: Any) -> ShapePolicy | None:
     return padder.policy.for_model(model.max_seq_length) if isinstance(padder, _PaddedPreprocess) else None
 
 
-def warmup(model: Any, batch_size: int = 32) -> int:
+def warmup(model: Any, batch_size: int = 32, max_tokens: int | None = None) -> int:
     """Run every bucket shape through ``encode`` so later encodes compile nothing; returns the shape count.
+
+    ``max_tokens`` skips shapes of more padded tokens (rows x length) than that: a caller that never forms such
+    batches (the server's token budget) need not compile them.
 
     Each shape runs twice, from real text of exactly the bucket's token count: once with every row full
     (transformers then skips the attention mask) and once with one row short (the masked path that padded
@@ -176,7 +179,8 @@ def warmup(model: Any, batch_size: int = 32) -> int:
     policy = policy_of(model)
     if policy is None:
         raise RuntimeError("warmup() needs static shapes: without them every new batch shape compiles anyway.")
-    shapes = policy.shapes(batch_size)
+    shapes = [(rows, length) for rows, length in policy.shapes(batch_size)
+              if max_tokens is None or rows * length <= max_tokens]
     for rows, length in shapes:
         full = _text_of(length)
         model.encode([full] * rows, batch_size=rows, show_progress_bar=False)
