@@ -251,7 +251,8 @@ def test_two_emulated_npus_batch_concurrent_clients_without_new_compilations(tin
 
 
 @needs_emulator
-def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_cls):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_finishes_requests_in_flight_and_exits_0(tiny_cls, stop_signal):
     server = Server(tiny_cls, "--device", "npu:0", *SMALL, "--api-key", API_KEY, emulate=1)
     texts = ["an in-flight request " * 20] * 8
 
@@ -263,7 +264,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_cls):
         deadline = time.monotonic() + REQUEST_TIMEOUT_S
         while (in_flight := server.metric("st_npu_requests_in_progress")) < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
-        server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(stop_signal)
         assert in_flight >= 4 and not all(future.done() for future in futures)
         responses = [future.result(timeout=REQUEST_TIMEOUT_S) for future in futures]
     assert server.process.wait(REQUEST_TIMEOUT_S) == 0
@@ -271,3 +272,18 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_cls):
     assert all(len(response.json()) == 8 for response in responses)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
+
+
+def test_bench_serve_compares_both_servers_within_its_bounds(tiny_cls, tmp_path):
+    report = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "st_npu", "bench-serve", "--model", str(tiny_cls), "--device", "cpu",
+         "--clients", "1,4", "--duration", "0.5", "--max-requests", "40", "--json", str(report)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=START_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(report.read_text())["results"]
+    assert [(r["clients"], r["server"]) for r in results] == [
+        (1, "one-at-a-time"), (1, "batching"), (4, "one-at-a-time"), (4, "batching")]
+    assert all(0 < r["requests"] <= 40 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in results)
+    assert "| 4 |" in result.stdout and "speed" in result.stdout

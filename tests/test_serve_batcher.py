@@ -7,6 +7,9 @@ import threading
 import numpy as np
 import pytest
 
+import st_npu.serve
+from st_npu.cli import main
+from st_npu.errors import UsageError
 from st_npu.serve.batcher import Batcher, Job, QueueFull
 
 TIMEOUT_S = 30
@@ -110,3 +113,17 @@ def test_two_devices_work_side_by_side():
         for model in models:
             model.release.set()
         batcher.close()
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(st_npu.serve.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UsageError, match=r'pip install "st-npu\[serve\]"'):
+        st_npu.serve.require_serve_stack()
+    assert main(["serve", "--model", "unused"]) == 2
+    assert 'pip install "st-npu[serve]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("devices", ["npu:0,npu:0", "npu:0,,npu:1"])
+def test_devices_must_be_distinct_and_named(devices, capsys):
+    assert main(["serve", "--model", "unused", "--devices", devices]) == 2
+    assert "--devices takes distinct devices" in capsys.readouterr().err

@@ -35,6 +35,7 @@ def device_list(args: argparse.Namespace) -> list[str | None]:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load one model per device, serve until SIGTERM or Ctrl-C, finish the requests in flight, return 0."""
+    devices = device_list(args)
     require_serve_stack()
     import uvicorn
 
@@ -43,7 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from st_npu.serve.batcher import Batcher
     from st_npu.serve.metrics import Metrics
 
-    models = [load_model(args, device=device) for device in device_list(args)]
+    models = [load_model(args, device=device) for device in devices]
     metrics = Metrics([model.device for model in models])
     batcher = Batcher(models, args.max_batch_tokens, args.max_batch_size, args.max_concurrent_requests,
                       max_batch_requests=1 if args.one_at_a_time else None, metrics=metrics)

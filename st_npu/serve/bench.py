@@ -192,7 +192,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
              "| p99 ms (1-at-a-time / batching) |"
     if emulated:
         header += " ops per request (1-at-a-time / batching) | compilations after warm-up |"
-    lines = [header, "|" + "---|" * header.count(" | ")]
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     by_count: dict[int, dict[str, dict[str, Any]]] = {}
     for result in results:
         by_count.setdefault(result["clients"], {})[result["server"]] = result
