@@ -29,7 +29,8 @@ def device_list(args: argparse.Namespace) -> list[str | None]:
         return [args.device]
     devices = [item.strip() for item in args.devices.split(",")]
     if args.device or not all(devices) or len(set(devices)) != len(devices):
-        raise UsageError(f"--devices takes distinct devices separated by commas (and no --device), got {args.devices!r}")
+        raise UsageError(f"--devices takes distinct devices separated by commas (and no --device), "
+                         f"got {args.devices!r}")
     return devices
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import json
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,9 @@ from starlette.concurrency import run_in_threadpool
 
 from st_npu import __version__
 from st_npu.serve.batcher import Batcher, Job, QueueFull
+
+
+ROUTES = ("/v1/embeddings", "/embed", "/health", "/info", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ def create_app(batcher: Batcher, metrics: Any, limits: Limits, model_name: str) 
     from st_npu import _compat
 
     dimension = _compat.embedding_dimension(model)
+    count_tokens = TokenCounter(model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,11 +60,11 @@ def create_app(batcher: Batcher, metrics: Any, limits: Limits, model_name: str) 
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        route = request.url.path
+        route = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
         if limits.api_key and route != "/health" \
                 and request.headers.get("authorization") != f"Bearer {limits.api_key}":
-            response = _error(route, ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                              kind="Unauthorized"))
+            refusal = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="Unauthorized")
+            response = _error(request.url.path, refusal)
         else:
             response = await call_next(request)
         metrics.requests.labels(route).inc()
@@ -72,7 +78,7 @@ def create_app(batcher: Batcher, metrics: Any, limits: Limits, model_name: str) 
         if prompt_name is not None and prompt_name not in model.prompts:
             known = ", ".join(sorted(model.prompts)) or "none"
             raise ApiError(422, f"unknown prompt_name {prompt_name!r}; this model's prompts: {known}", "prompt_name")
-        lengths = await run_in_threadpool(_token_counts, model, texts, prompt_name)
+        lengths = await run_in_threadpool(count_tokens, texts, prompt_name)
         limit = batcher.max_seq_length
         if not truncate:
             for index, length in enumerate(lengths):
@@ -208,12 +214,25 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _token_counts(model: Any, texts: list[str], prompt_name: str | None) -> list[int]:
-    """Tokens per text as ``encode`` will see it: prompt prepended, special tokens included, not truncated."""
-    prompt = model.prompts.get(prompt_name or model.default_prompt_name or "", "")
-    encoded = model.tokenizer([prompt + text for text in texts], add_special_tokens=True, truncation=False,
-                              return_attention_mask=False, verbose=False)
-    return [len(ids) for ids in encoded["input_ids"]]
+class TokenCounter:
+    """Tokens per text as ``encode`` will see it: prompt prepended, special tokens included, not truncated.
+
+    It uses a copy of the model's tokenizer, behind a lock: a fast tokenizer changes its own truncation and
+    padding settings on each call, and two threads calling one at once fail with "Already borrowed"; the
+    device worker's ``encode`` keeps using the original.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.tokenizer = copy.deepcopy(model.tokenizer)
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: list[str], prompt_name: str | None) -> list[int]:
+        prompt = self.model.prompts.get(prompt_name or self.model.default_prompt_name or "", "")
+        with self.lock:
+            encoded = self.tokenizer([prompt + text for text in texts], add_special_tokens=True, truncation=False,
+                                     return_attention_mask=False, verbose=False)
+        return [len(ids) for ids in encoded["input_ids"]]
 
 
 def _error(route: str, error: ApiError) -> JSONResponse:

@@ -60,7 +60,8 @@ class _EmulatorCollector:
         from st_npu.testing import emulator
 
         per_device = emulator.stats()["per_device"]
-        ops = CounterMetricFamily("st_npu_emulated_npu_ops", "Operators launched on the emulated npu", labels=["device"])
+        ops = CounterMetricFamily("st_npu_emulated_npu_ops", "Operators launched on the emulated npu",
+                                  labels=["device"])
         compiles = CounterMetricFamily("st_npu_emulated_npu_compiles", "Operator compilations on the emulated npu",
                                        labels=["device"])
         for index in self.indices:
