@@ -1,4 +1,4 @@
-"""The ``st-npu`` command (also ``python -m st_npu``): embed, info, verify, bench, run.
+"""The ``st-npu`` command (also ``python -m st_npu``): embed, info, verify, bench, serve, bench-serve, run.
 
 This is the top of the package: it parses arguments and hands each command to its own module; nothing imports
 it. Nothing here imports torch at module level: where torch_npu is installed without CANN, ``import torch``
@@ -64,11 +64,41 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="draw throughput, speed-up and latency against batch size to this PNG "
                                       "(needs matplotlib)")
 
+    serve = commands.add_parser("serve", help="an embedding server (OpenAI and TEI APIs) that batches requests")
+    add_serve_arguments(serve)
+    serve.add_argument("--api-key", help="refuse requests without 'Authorization: Bearer <key>' (401)")
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    serve.add_argument("--one-at-a-time", action="store_true",
+                       help="no batching: one encode per request, one request at a time per device (a baseline)")
+
+    bench_serve = commands.add_parser("bench-serve", help="load test: the batching server against one-at-a-time")
+    add_serve_arguments(bench_serve)
+    bench_serve.add_argument("--clients", default="1,16,64", help="concurrent clients per run (default 1,16,64)")
+    bench_serve.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    bench_serve.add_argument("--max-requests", type=positive_int, default=20000,
+                             help="stop a run after this many requests (default 20000)")
+    bench_serve.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
+
     run = commands.add_parser("run", help="run an unchanged Python script (or -m module) with the NPU patch active")
     run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     run.add_argument("script", nargs="?", help="the script to run (none with -m)")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and batching options of ``serve``, shared with ``bench-serve`` (which starts servers)."""
+    add_model_arguments(parser)
+    parser.add_argument("--devices", help="one model per device, e.g. npu:0,npu:1 (instead of --device)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=16384,
+                        help="padded tokens (rows x bucket length) per batch (default 16384)")
+    parser.add_argument("--max-batch-size", type=positive_int, default=64, help="texts per batch (default 64)")
+    parser.add_argument("--max-client-batch-size", type=positive_int, default=32,
+                        help="texts per request; more is refused with 413 (default 32)")
+    parser.add_argument("--max-concurrent-requests", type=positive_int, default=512,
+                        help="requests queued or computing; more are refused with 429 (default 512)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             from st_npu.bench import run_bench
 
             return run_bench(args)
+        if args.command in ("serve", "bench-serve"):
+            from st_npu.serve import run_bench_serve, run_serve
+
+            return run_serve(args) if args.command == "serve" else run_bench_serve(args)
         from st_npu.patching import run_module, run_script
 
         if args.module:  # argparse took the module's first argument for the script

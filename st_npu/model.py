@@ -105,7 +105,7 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         the first time (seconds once CANN's operator cache holds them). A progress bar counts the shapes and a
         summary line gives the time.
         """
-        return warmup(self, batch_size, show_progress_bar)
+        return warmup(self, batch_size, show_progress_bar=show_progress_bar)
 
     def forward(self, input: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Stock forward; on a device out-of-memory error the batch is split in two and retried, in order."""

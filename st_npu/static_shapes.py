@@ -168,8 +168,11 @@ def policy_of(model: Any) -> ShapePolicy | None:
     return padder.policy.for_model(model.max_seq_length) if isinstance(padder, _PaddedPreprocess) else None
 
 
-def warmup(model: Any, batch_size: int = 32, show_progress_bar: bool = True) -> int:
+def warmup(model: Any, batch_size: int = 32, max_tokens: int | None = None, show_progress_bar: bool = True) -> int:
     """Run every bucket shape through ``encode`` so later encodes compile nothing; returns the shape count.
+
+    ``max_tokens`` skips shapes of more padded tokens (rows x length) than that: a caller that never forms such
+    batches (the server's token budget) need not compile them.
 
     Each shape runs twice, from real text of exactly the bucket's token count: once with every row full
     (transformers then skips the attention mask) and once with one row short (the masked path that padded
@@ -181,16 +184,18 @@ def warmup(model: Any, batch_size: int = 32, show_progress_bar: bool = True) -> 
     policy = policy_of(model)
     if policy is None:
         raise RuntimeError("warmup() needs static shapes: without them every new batch shape compiles anyway.")
-    shapes = policy.shapes(batch_size)
+    shapes = [(rows, length) for rows, length in policy.shapes(batch_size)
+              if max_tokens is None or rows * length <= max_tokens]
     start = time.perf_counter()
     for rows, length in tqdm(shapes, desc=f"st_npu warm-up on {model.device}", unit="shape",
                              disable=not show_progress_bar):
         full = _text_of(length)
         model.encode([full] * rows, batch_size=rows, show_progress_bar=False)
         model.encode([full] * (rows - 1) + [_text_of(1)], batch_size=rows, show_progress_bar=False)
-    if show_progress_bar:
-        tqdm.write(f"st_npu warm-up: {len(shapes)} shapes (up to {shapes[-1][0]} rows x {shapes[-1][1]} tokens) "
-                   f"on {model.device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if show_progress_bar and shapes:
+        rows, length = max(rows for rows, _ in shapes), max(length for _, length in shapes)
+        tqdm.write(f"st_npu warm-up: {len(shapes)} shapes (up to {rows} rows x {length} tokens) on {model.device} "
+                   f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return len(shapes)
 
 

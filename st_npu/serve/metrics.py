@@ -1,0 +1,71 @@
+"""The server's Prometheus metrics, in a registry of its own (several servers can live in one process).
+
+On the emulated npu the registry also reports the emulator's operator launches and compilations per device,
+read at scrape time: ``st-npu bench-serve`` divides their growth by the requests served. They count what an
+Ascend device would be asked to launch and compile, not how fast it would do it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from st_npu.measure import is_emulated
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, devices: list[Any]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("st_npu_requests", "HTTP requests answered, by route", ["route"],
+                                registry=self.registry)
+        self.errors = Counter("st_npu_request_errors", "Requests refused or failed, by route and HTTP status",
+                              ["route", "status"], registry=self.registry)
+        self.in_progress = Gauge("st_npu_requests_in_progress", "Embedding requests admitted and not yet answered",
+                                 registry=self.registry)
+        self.batch_texts = Histogram("st_npu_batch_size", "Texts per batch run on a device", ["device"],
+                                     buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram("st_npu_batch_requests", "Requests gathered into one batch", ["device"],
+                                        buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+        self.queue_seconds = Histogram("st_npu_queue_seconds", "Time a request waited before its batch ran",
+                                       buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.compute_seconds = Histogram("st_npu_compute_seconds", "Time a batch took on its device", ["device"],
+                                         buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.tokens = Counter("st_npu_tokens", "Tokens embedded (prompt and special tokens included)",
+                              registry=self.registry)
+        emulated = [device for device in devices if is_emulated(device)]
+        if emulated:
+            self.registry.register(_EmulatorCollector(emulated))
+
+    def observe_batch(self, device: str, batch: list[Any], compute_s: float, started: float) -> None:
+        self.batch_texts.labels(device).observe(sum(len(job.texts) for job in batch))
+        self.batch_requests.labels(device).observe(len(batch))
+        self.compute_seconds.labels(device).observe(compute_s)
+        for job in batch:
+            self.queue_seconds.observe(started - job.queued_at)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EmulatorCollector:
+    def __init__(self, devices: list[Any]) -> None:
+        self.indices = sorted({device.index or 0 for device in devices})
+
+    def collect(self) -> Any:
+        from st_npu.testing import emulator
+
+        per_device = emulator.stats()["per_device"]
+        ops = CounterMetricFamily("st_npu_emulated_npu_ops", "Operators launched on the emulated npu",
+                                  labels=["device"])
+        compiles = CounterMetricFamily("st_npu_emulated_npu_compiles", "Operator compilations on the emulated npu",
+                                       labels=["device"])
+        for index in self.indices:
+            ops.add_metric([f"npu:{index}"], per_device[index]["ops"])
+            compiles.add_metric([f"npu:{index}"], per_device[index]["compiles"])
+        yield ops
+        yield compiles

@@ -1,0 +1,129 @@
+"""The server's batcher on its own (no HTTP stack needed): gathering, order, budgets, isolation of failures."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import st_npu.serve
+from st_npu.cli import main
+from st_npu.errors import UsageError
+from st_npu.serve.batcher import Batcher, Job, QueueFull
+
+TIMEOUT_S = 30
+
+
+class FakeModel:
+    """Encodes a text as [its length, its position in the call]; a text "boom" makes the whole call fail."""
+
+    max_seq_length = 512
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], str | None, bool, int]] = []
+        self.entered = threading.Event()  # set by the first encode after warm-up, which then waits for `release`
+        self.release = threading.Event()
+        self.release.set()
+
+    def encode(self, texts, prompt_name=None, normalize_embeddings=False, batch_size=32, **kwargs):
+        if texts == ["warm-up"]:
+            return np.zeros((1, 2))
+        self.entered.set()
+        self.release.wait(TIMEOUT_S)
+        self.calls.append((list(texts), prompt_name, normalize_embeddings, batch_size))
+        if "boom" in texts:
+            raise ValueError("boom")
+        return np.array([[len(text), position] for position, text in enumerate(texts)], dtype=np.float32)
+
+
+def job(texts: list[str], prompt_name: str | None = None, longest: int = 10) -> Job:
+    return Job(texts, prompt_name, False, longest)
+
+
+def run(batcher: Batcher, jobs: list[Job]) -> list:
+    """Queue every job before the workers start, so they all wait together."""
+    futures = [batcher.submit(each) for each in jobs]
+    batcher.start()
+    try:
+        return [future.exception(TIMEOUT_S) or future.result() for future in futures]
+    finally:
+        batcher.close()
+
+
+def test_waiting_requests_share_one_encode_and_get_their_own_rows_in_order():
+    model = FakeModel()
+    results = run(Batcher([model], 16384, 64, 100), [job(["a", "bb"]), job(["ccc"]), job(["dddd", "e"])])
+    assert [texts for texts, *_ in model.calls] == [["a", "bb", "ccc", "dddd", "e"]]
+    assert [r[:, 0].tolist() for r in results] == [[1, 2], [3], [4, 1]]
+
+
+def test_different_prompts_go_to_different_batches():
+    model = FakeModel()
+    run(Batcher([model], 16384, 64, 100), [job(["q1"], "qa_query"), job(["d1"]), job(["q2"], "qa_query")])
+    assert [(texts, prompt) for texts, prompt, *_ in model.calls] == [(["q1", "q2"], "qa_query"), (["d1"], None)]
+
+
+def test_token_budget_bounds_the_padded_batch():
+    model = FakeModel()  # a text of 300 tokens pads to the 512 bucket
+    run(Batcher([model], 1024, 64, 100), [job(["a"], longest=300), job(["b"], longest=300), job(["c"], longest=10)])
+    # 2 rows x 512 = 1024 fits; a third row pads to 4 x 512 > 1024, so "c" waits for the next batch
+    assert [texts for texts, *_ in model.calls] == [["a", "b"], ["c"]]
+    assert model.calls[0][3] == 2 and model.calls[1][3] == 64  # rows per forward that fit the budget
+
+
+def test_one_failing_request_fails_alone():
+    model = FakeModel()
+    results = run(Batcher([model], 16384, 64, 100), [job(["ok"]), job(["boom"]), job(["fine", "x"])])
+    assert results[0][:, 0].tolist() == [2] and results[2][:, 0].tolist() == [4, 1]
+    assert isinstance(results[1], ValueError)
+
+
+def test_one_at_a_time_runs_each_request_alone():
+    model = FakeModel()
+    run(Batcher([model], 16384, 64, 100, max_batch_requests=1), [job(["a"]), job(["b"]), job(["c"])])
+    assert [texts for texts, *_ in model.calls] == [["a"], ["b"], ["c"]]
+
+
+def test_queue_full_and_budget_below_the_model_length_are_refused():
+    batcher = Batcher([FakeModel()], 16384, 64, 2)
+    batcher.submit(job(["a"]))
+    batcher.submit(job(["b"]))
+    with pytest.raises(QueueFull, match="--max-concurrent-requests 2"):
+        batcher.submit(job(["c"]))
+    with pytest.raises(ValueError, match="at least the model's maximum input length"):
+        Batcher([FakeModel()], 256, 64, 2)
+
+
+def test_two_devices_work_side_by_side():
+    models = [FakeModel(), FakeModel()]
+    for model in models:
+        model.release.clear()
+    batcher = Batcher(models, 16384, 1, 100)
+    futures = [batcher.submit(job([f"t{i}"])) for i in range(4)]
+    batcher.start()
+    try:
+        # one row per batch: while the first device holds its batch, the other must take the next
+        assert all(model.entered.wait(TIMEOUT_S) for model in models)
+        for model in models:
+            model.release.set()
+        assert [future.result(TIMEOUT_S)[0, 0] for future in futures] == [2, 2, 2, 2]
+    finally:
+        for model in models:
+            model.release.set()
+        batcher.close()
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(st_npu.serve.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UsageError, match=r'pip install "st-npu\[serve\]"'):
+        st_npu.serve.require_serve_stack()
+    assert main(["serve", "--model", "unused"]) == 2
+    assert 'pip install "st-npu[serve]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("devices", ["npu:0,npu:0", "npu:0,,npu:1"])
+def test_devices_must_be_distinct_and_named(devices, capsys):
+    assert main(["serve", "--model", "unused", "--devices", devices]) == 2
+    assert "--devices takes distinct devices" in capsys.readouterr().err
