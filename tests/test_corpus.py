@@ -245,7 +245,7 @@ def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path):
 
 
 @needs_emulator
-def test_a_worker_killed_mid_job_has_its_shard_redone(tiny_cls, corpus_2k, tmp_path):
+def test_a_worker_killed_mid_job_has_its_shard_redone(tiny_cls, corpus_2k, tmp_path, capfd):
     out = tmp_path / "out"
     results = {}
     job = threading.Thread(target=lambda: results.update(embed_corpus(
@@ -260,6 +260,8 @@ def test_a_worker_killed_mid_job_has_its_shard_redone(tiny_cls, corpus_2k, tmp_p
     job.join(timeout=600)
     assert not job.is_alive() and results, "the job did not finish after losing a worker"
     assert results["shards"] == 20 and _finished_shards(out) == 20
+    assert "the worker on npu:1 died (killed by SIGKILL); its shard" in capfd.readouterr().err
+    assert set(results["devices"]) == {"npu:0", "npu:1"}
     ids, vectors, _ = read_output(out)
     assert ids == list(range(2000))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
