@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="field or column of the text")
     corpus.add_argument("--id-field", help="field or column of each row's id (default: the row number)")
     corpus.add_argument("--keep", help="comma-separated fields or columns to copy beside each embedding")
-    corpus.add_argument("--output-dtype", choices=("float32", "float16"), default="float32")
+    corpus.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
+                        help="type of the stored vectors (default float32; the model runs in --dtype)")
     corpus.add_argument("--prompt-name", help="a prompt of the model, e.g. qa_key for llm-embedder passages")
     corpus.add_argument("--max-seq-length", type=positive_int, help="truncate texts to this many tokens")
     corpus.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch (default 32)")
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                         help="skip: write each bad row's position and reason to rejects.jsonl and go on")
     corpus.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    corpus.add_argument("--engine", choices=("local", "ray"), default="local")
+    corpus.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: worker processes on this machine's devices (default); ray: Ray Data actors")
     corpus.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: a local Ray")
     corpus.add_argument("--ray-actors", type=positive_int, help="model actors (default: one per NPU of the cluster)")
     corpus.add_argument("--progress", action="store_true", help="show the progress bar also when not on a terminal")
