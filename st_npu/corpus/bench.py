@@ -67,31 +67,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a model folder (python -m st_npu.testing.fixtures DIR --tiny)")
     parser.add_argument("--throughput-rows", type=int, default=4000, help="rows for the rows/s runs (default 4000)")
     parser.add_argument("--memory-rows", default="20000,200000", help="corpus sizes for peak RSS")
+    parser.add_argument("--part", choices=("all", "throughput", "memory"), default="all", help="which table to print")
     parser.add_argument("--skip-ray", action="store_true", help="leave out the Ray run (no st-npu[ray] installed)")
     args = parser.parse_args(argv)
     emulate = {"ST_NPU_EMULATE": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory(prefix="st-npu-corpus-bench-") as folder:
         work = Path(folder)
-        corpus = write_corpus(work / "throughput.txt", args.throughput_rows)
-        runs = [("one device (emulated npu:0)", ["--devices", "npu:0"]),
-                ("two emulated NPUs (local engine)", ["--devices", "npu:0,npu:1"])]
-        if not args.skip_ray:
-            runs.append(("Ray, two emulated NPUs", ["--engine", "ray"]))
-        print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.throughput_rows} short texts, batch 32, "
-              f"max_seq_length 32, shards of 1,000 rows\n")
-        print("| run | rows/s | time (s, with start-up) |\n|---|---|---|")
-        for index, (label, extra) in enumerate(runs):
-            summary = run_job(args.model, corpus, work, f"run{index}", [*extra, "--shard-size", "1000"], emulate)
-            device_rates = "; ".join(f"{device} {figures['rows_per_s']}" for device, figures in
-                                     summary["devices"].items())
-            print(f"| {label} | {summary['rows_per_s']} (per device: {device_rates}) | {summary['seconds']} |")
-        print("\n| texts | peak RSS of the job (MiB) | ratio to the first |\n|---|---|---|")
-        first = None
-        for rows in map(int, args.memory_rows.split(",")):
-            corpus = write_corpus(work / f"memory-{rows}.txt", rows)
-            summary = run_job(args.model, corpus, work, f"memory-{rows}", ["--device", "cpu"], emulate)
-            first = first or summary["peak_rss_mib"]
-            print(f"| {rows:,} | {summary['peak_rss_mib']} | {summary['peak_rss_mib'] / first:.2f}x |")
+        print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
+        if args.part != "memory":
+            _throughput(args, work, emulate)
+        if args.part != "throughput":
+            _memory(args, work, emulate)
+
+
+def _throughput(args: argparse.Namespace, work: Path, emulate: dict[str, str]) -> None:
+    corpus = write_corpus(work / "throughput.txt", args.throughput_rows)
+    runs = [("one device (emulated npu:0)", ["--devices", "npu:0"]),
+            ("two emulated NPUs (local engine)", ["--devices", "npu:0,npu:1"])]
+    if not args.skip_ray:
+        runs.append(("Ray, two emulated NPUs", ["--engine", "ray"]))
+    print(f"{args.throughput_rows} short texts, batch 32, max_seq_length 32, shards of 1,000 rows; Ray's time "
+          f"leaves out starting Ray\n")
+    print("| run | rows/s | time (s, with start-up) |\n|---|---|---|")
+    for index, (label, extra) in enumerate(runs):
+        summary = run_job(args.model, corpus, work, f"run{index}", [*extra, "--shard-size", "1000"], emulate)
+        device_rates = "; ".join(f"{device} {figures['rows_per_s']}" for device, figures in
+                                 summary["devices"].items())
+        print(f"| {label} | {summary['rows_per_s']} (per device: {device_rates}) | {summary['seconds']} |")
+
+
+def _memory(args: argparse.Namespace, work: Path, emulate: dict[str, str]) -> None:
+    print("\n| texts | peak RSS of the job (MiB) | ratio to the first |\n|---|---|---|")
+    first = None
+    for rows in map(int, args.memory_rows.split(",")):
+        corpus = write_corpus(work / f"memory-{rows}.txt", rows)
+        summary = run_job(args.model, corpus, work, f"memory-{rows}", ["--device", "cpu"], emulate)
+        first = first or summary["peak_rss_mib"]
+        print(f"| {rows:,} | {summary['peak_rss_mib']} | {summary['peak_rss_mib'] / first:.2f}x |")
 
 
 if __name__ == "__main__":
