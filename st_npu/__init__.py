@@ -21,6 +21,7 @@ _PUBLIC = {
     "ShapePolicy": "st_npu.static_shapes",
     "patch": "st_npu.patching",
     "unpatch": "st_npu.patching",
+    "embed_corpus": "st_npu.corpus",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -1,4 +1,5 @@
-"""The ``st-npu`` command (also ``python -m st_npu``): embed, info, verify, bench, serve, bench-serve, run.
+"""The ``st-npu`` command (also ``python -m st_npu``): embed, embed-corpus, info, verify, bench, serve,
+bench-serve, run.
 
 This is the top of the package: it parses arguments and hands each command to its own module; nothing imports
 it. Nothing here imports torch at module level: where torch_npu is installed without CANN, ``import torch``
@@ -64,6 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="draw throughput, speed-up and latency against batch size to this PNG "
                                       "(needs matplotlib)")
 
+    corpus = commands.add_parser("embed-corpus", help="embed a whole corpus into resumable Parquet shards, on every "
+                                                      "local NPU or a Ray cluster")
+    add_model_arguments(corpus)
+    corpus.add_argument("input", help="a .txt, .jsonl, .parquet, .csv or .tsv file, a folder of them, or a glob")
+    corpus.add_argument("--output", required=True, help="folder for part-NNNNN.parquet shards and manifest.json")
+    corpus.add_argument("--devices", help="comma-separated, e.g. npu:0,npu:3 (default: every local NPU)")
+    corpus.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="field or column of the text")
+    corpus.add_argument("--id-field", help="field or column of each row's id (default: the row number)")
+    corpus.add_argument("--keep", help="comma-separated fields or columns to copy beside each embedding")
+    corpus.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
+                        help="type of the stored vectors (default float32; the model runs in --dtype)")
+    corpus.add_argument("--prompt-name", help="a prompt of the model, e.g. qa_key for llm-embedder passages")
+    corpus.add_argument("--max-seq-length", type=positive_int, help="truncate texts to this many tokens")
+    corpus.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch (default 32)")
+    corpus.add_argument("--shard-size", type=positive_int, default=10_000, help="rows per shard (default 10000)")
+    corpus.add_argument("--skip-empty", action="store_true", help="do not embed blank texts (their rows keep "
+                                                                  "their numbers)")
+    corpus.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
+                        help="skip: write each bad row's position and reason to rejects.jsonl and go on")
+    corpus.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    corpus.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: worker processes on this machine's devices (default); ray: Ray Data actors")
+    corpus.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: a local Ray")
+    corpus.add_argument("--ray-actors", type=positive_int, help="model actors (default: one per NPU of the cluster)")
+    corpus.add_argument("--progress", action="store_true", help="show the progress bar also when not on a terminal")
+    corpus.add_argument("--summary-json", help="also write the summary to this JSON file")
+
     serve = commands.add_parser("serve", help="an embedding server (OpenAI and TEI APIs) that batches requests")
     add_serve_arguments(serve)
     serve.add_argument("--api-key", help="refuse requests without 'Authorization: Bearer <key>' (401)")
@@ -119,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             from st_npu.bench import run_bench
 
             return run_bench(args)
+        if args.command == "embed-corpus":
+            from st_npu.corpus.job import run_embed_corpus
+
+            return run_embed_corpus(args)
         if args.command in ("serve", "bench-serve"):
             from st_npu.serve import run_bench_serve, run_serve
 

@@ -116,15 +116,20 @@ class _NpuWorkerDevice(str):
     """
 
     def __reduce__(self) -> tuple[Callable[..., str], tuple[str, int | None]]:
-        return _load_npu_in_worker, (str(self), _emulated_device_count())
+        return load_npu_in_worker, (str(self), emulated_device_count())
 
 
-def _emulated_device_count() -> int | None:
+def emulated_device_count() -> int | None:
+    # The machine's count: the worker inherits ASCEND_RT_VISIBLE_DEVICES and applies it itself, as on Ascend.
     torch_npu = sys.modules.get("torch_npu")
-    return torch.npu.device_count() if getattr(torch_npu, "__emulated__", False) else None
+    if not getattr(torch_npu, "__emulated__", False):
+        return None
+    from st_npu.testing import emulator
+
+    return emulator.physical_device_count()
 
 
-def _load_npu_in_worker(device: str, emulated_devices: int | None) -> str:
+def load_npu_in_worker(device: str, emulated_devices: int | None) -> str:
     # Unpickling this function imported st_npu, which already honoured ST_NPU_EMULATE if it was set.
     if emulated_devices is not None:
         from st_npu.testing import emulator

@@ -376,3 +376,23 @@ def test_stock_sentence_transformer_on_npu3(minilm_path: str) -> None:
     model.to("npu:1")
     assert model.device == torch.device("npu:1")
     assert model.encode(SENTENCES[:2], convert_to_tensor=True).device == torch.device("npu:1")
+
+
+# --- ASCEND_RT_VISIBLE_DEVICES --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(bool(os.environ.get("ST_NPU_TEST_DEVICE")), reason="needs the emulated npu")
+def test_visible_devices_are_the_listed_ones_renumbered_from_0():
+    from conftest import run_python
+
+    code = ("import torch, st_npu; from st_npu.testing import emulator; "
+            "print(torch.npu.device_count(), emulator.physical_device_count(), torch.zeros(1, device='npu:1').device)")
+    result = run_python(code, env={"ST_NPU_EMULATE": "8", "ASCEND_RT_VISIBLE_DEVICES": "3,5"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "8", "npu:1"]
+    missing = run_python("import torch, st_npu; torch.zeros(1, device='npu:2')",
+                         env={"ST_NPU_EMULATE": "8", "ASCEND_RT_VISIBLE_DEVICES": "3,5"})
+    assert "npu:2 does not exist" in missing.stderr
+    for value, problem in (("3,9", "device 9 does not exist"), ("1,1", "a device is listed twice"), ("a", "'a' is not")):
+        bad = run_python("import st_npu", env={"ST_NPU_EMULATE": "8", "ASCEND_RT_VISIBLE_DEVICES": value})
+        assert bad.returncode != 0 and f"ASCEND_RT_VISIBLE_DEVICES={value!r}: {problem}" in bad.stderr

@@ -167,6 +167,7 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
     if compile_delay_s < 0:
         raise ValueError(f"compile_delay_s must not be negative, got {compile_delay_s}")
     _check_limit(memory_limit_bytes)
+    physical, devices = devices, _visible_device_count(devices)
     with _lock:
         if _emulator is None:
             _refuse_real_torch_npu()
@@ -178,6 +179,7 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
             _libraries[1].impl("copy_", functools.partial(_fallback, torch.ops.aten.copy_.default), "PrivateUse1")
             sys.modules["torch_npu"] = _torch_npu_module()
             _emulator = _Emulator([_Device() for _ in range(devices)], chip, compile_delay_s, memory_limit_bytes)
+            _visibility["physical"] = physical
         elif devices != len(_emulator.devices):
             raise RuntimeError(
                 f"the npu emulator is already installed with {len(_emulator.devices)} devices and cannot be "
@@ -498,6 +500,38 @@ def _format_bytes(n: float) -> str:
             return f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+# --- ASCEND_RT_VISIBLE_DEVICES ---------------------------------------------------------------------------------
+# The Ascend runtime shows a process only the devices listed in ASCEND_RT_VISIBLE_DEVICES, renumbered from 0 in the
+# listed order: with "2,3", npu:0 is device 2 and npu:1 device 3. Ray sets it for each task or actor holding an "NPU"
+# resource, so inside an actor the NPU is npu:0. ``install(devices=n)`` describes the machine (n devices) and the
+# variable, read once at install as the runtime reads it once at start-up, picks the visible ones. Where the
+# runtime's answer is not documented, the emulator chooses the strict one: an index that is not an integer, out of
+# range or repeated raises; an empty or unset variable shows every device.
+
+_visibility: dict[str, int] = {}
+
+
+def physical_device_count() -> int:
+    """The emulated machine's device count, before ASCEND_RT_VISIBLE_DEVICES: what a spawned worker installs."""
+    _require()
+    return _visibility["physical"]
+
+
+def _visible_device_count(physical: int, environ: Mapping[str, str] = os.environ) -> int:
+    value = environ.get("ASCEND_RT_VISIBLE_DEVICES", "").strip()
+    if not value:
+        return physical
+    listed = [item.strip() for item in value.split(",")]
+    problem = next((f"{item!r} is not a device index" for item in listed if not item.isdigit()), None)
+    problem = problem or next((f"device {item} does not exist (the emulated machine has {physical}: 0 to "
+                               f"{physical - 1})" for item in listed if int(item) >= physical), None)
+    if problem is None and len(set(map(int, listed))) != len(listed):
+        problem = "a device is listed twice"
+    if problem:
+        raise RuntimeError(f"ASCEND_RT_VISIBLE_DEVICES={value!r}: {problem}")
+    return len(listed)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------

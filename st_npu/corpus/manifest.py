@@ -1,0 +1,50 @@
+"""``manifest.json`` of a corpus output folder: what was embedded with what, and which shards are done.
+
+A rerun compares its settings and input with the manifest's: the same ones resume (finished shards whose
+checksums hold are skipped), different ones are refused with what differs, unless the caller starts over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from st_npu.fingerprint import identity_differences
+from st_npu.outputs import atomic_file
+
+FORMAT = "st-npu-corpus/1"
+NAME = "manifest.json"
+
+
+def load(folder: Path) -> dict[str, Any] | None:
+    path = folder / NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc}); rerun with --overwrite to start over") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} was not written by st-npu embed-corpus ({FORMAT}); use another --output folder")
+    return manifest
+
+
+def save(folder: Path, manifest: dict[str, Any]) -> None:
+    manifest["shards"] = dict(sorted(manifest["shards"].items()))
+    with atomic_file(folder / NAME) as handle:
+        handle.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def differences(saved: dict[str, Any], job: dict[str, Any]) -> list[str]:
+    """What differs between a manifest's job and this one, in words; empty when they may share an output folder."""
+    found = [f"model files: {item}" for item in identity_differences(saved["model_identity"], job["model_identity"])]
+    for key, value in job["settings"].items():
+        if key != "model" and saved["settings"].get(key) != value:
+            found.append(f"{key}: {saved['settings'].get(key)!r} there, {value!r} now")
+    before = {entry["path"]: entry["sha256"] for entry in saved["input"]}
+    now = {entry["path"]: entry["sha256"] for entry in job["input"]}
+    if before != now:
+        changed = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
+        found.append(f"input files: {', '.join(changed)} differ")
+    return found

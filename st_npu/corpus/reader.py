@@ -1,0 +1,243 @@
+"""A corpus read as a stream of rows, in shards: ``.txt`` and ``.jsonl`` through :mod:`st_npu.inputs`, ``.parquet``,
+``.csv`` and ``.tsv`` through pyarrow, in batches; a folder or a glob is its files in sorted order.
+
+Row i of the input (counted over all its files, from 0) is row i everywhere: a blank line is a row (the text
+``""``) unless ``skip_empty``, and an id defaults to the row number. Shard k holds the rows ``k * shard_size`` to
+``(k + 1) * shard_size`` of the input, so a rerun cuts the same shards whatever was done before. A bad row raises
+:class:`InputError` naming the file, the line or row, and the problem; with ``on_bad_row="skip"`` it is handed
+to the caller as a :class:`Reject` instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from st_npu.fingerprint import sha256_file
+from st_npu.inputs import InputError, decode, display_name, field_text, is_jsonl, json_record, lines
+
+LINE_SUFFIXES = (".txt", ".jsonl", ".ndjson")
+COLUMN_SUFFIXES = (".parquet", ".csv", ".tsv")
+SUFFIXES = LINE_SUFFIXES + COLUMN_SUFFIXES
+ARROW_BATCH_ROWS = 8192
+PYARROW_HINT = 'reading .parquet, .csv and .tsv files and writing shards needs pyarrow: pip install "st-npu[corpus]"'
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which fields of a record are read: the text, an optional id, and columns kept beside the embedding."""
+
+    text: str = "text"
+    id: str | None = None
+    keep: tuple[str, ...] = ()
+
+    def needed(self) -> list[str]:
+        return list(dict.fromkeys([self.text, *([self.id] if self.id else []), *self.keep]))
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A bad row: its number in the input, where it is (file and line or row), and what is wrong with it."""
+
+    row: int
+    where: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class Shard:
+    """Rows ``start`` to ``end`` of the input, as columns: the rows embedded and the rejects among them."""
+
+    index: int
+    start: int
+    end: int
+    rows: list[int] = field(default_factory=list)
+    ids: list[Any] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    keep: dict[str, list[Any]] = field(default_factory=dict)
+    rejects: list[Reject] = field(default_factory=list)
+    empty_skipped: int = 0
+
+
+def pyarrow_modules() -> tuple[Any, Any, Any]:
+    """``pyarrow``, ``pyarrow.parquet`` and ``pyarrow.csv``, or an ImportError with the install hint."""
+    try:
+        import pyarrow
+        import pyarrow.csv
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError(PYARROW_HINT) from None
+    return pyarrow, pyarrow.parquet, pyarrow.csv
+
+
+def input_files(source: str | os.PathLike[str]) -> list[Path]:
+    """The files of an input: one file, the supported files under a folder, or a glob's matches, sorted."""
+    text = str(source)
+    if glob.has_magic(text):
+        files = [Path(name) for name in sorted(glob.glob(text, recursive=True)) if Path(name).is_file()]
+    elif Path(text).is_dir():
+        files = sorted(path for path in Path(text).rglob("*") if path.is_file() and path.suffix.lower() in SUFFIXES
+                       and not any(part.startswith(".") for part in path.relative_to(text).parts))
+    elif Path(text).is_file():
+        files = [Path(text)]
+    else:
+        raise InputError(f"{text}: no such file or folder")
+    if not files:
+        raise InputError(f"{text}: no input files (expected {', '.join(SUFFIXES)})")
+    unsupported = [str(path) for path in files if path.suffix.lower() not in SUFFIXES]
+    if unsupported:
+        raise InputError(f"{unsupported[0]}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+    return files
+
+
+def fingerprint(files: Sequence[Path]) -> list[dict[str, Any]]:
+    """Each file's name, size and sha256: what the manifest compares to refuse mixing two inputs."""
+    root = os.path.commonpath([path.resolve().parent for path in files])
+    return [{"path": os.path.relpath(path.resolve(), root), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            for path in files]
+
+
+def row_count(files: Sequence[Path]) -> int | None:
+    """Rows in the input when cheap to know (lines of text files, Parquet metadata), for the progress bar's ETA."""
+    total = 0
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in LINE_SUFFIXES:
+            with open(path, "rb") as handle:
+                count, last = 0, b"\n"
+                while chunk := handle.read(1 << 20):
+                    count, last = count + chunk.count(b"\n"), chunk[-1:]
+            total += count + (last != b"\n")
+        elif suffix == ".parquet":
+            total += pyarrow_modules()[1].ParquetFile(path).metadata.num_rows
+        else:
+            return None  # a CSV row may span lines: its count needs a full parse
+    return total
+
+
+def shards(files: Sequence[Path], fields: Fields, shard_size: int, skip_empty: bool = False,
+           skip_bad_rows: bool = False) -> Iterator[Shard]:
+    """The input's shards in order; an input without a single row is an error."""
+    shard = Shard(0, 0, shard_size)
+    seen = 0
+    for row, record in enumerate(_records(files, fields)):
+        seen = row + 1
+        if row >= shard.end:
+            yield shard
+            shard = Shard(shard.index + 1, shard.end, shard.end + shard_size)
+        if isinstance(record, Reject):
+            if not skip_bad_rows:
+                raise InputError(record.message)
+            shard.rejects.append(record)
+            continue
+        text, identity, kept = record
+        if skip_empty and not text.strip():
+            shard.empty_skipped += 1
+            continue
+        shard.rows.append(row)
+        shard.ids.append(row if fields.id is None else identity)
+        shard.texts.append(text)
+        for name in fields.keep:
+            shard.keep.setdefault(name, []).append(kept[name])
+    if not seen:
+        raise InputError(f"{', '.join(map(str, files))}: the input is empty (no rows)")
+    shard.end = seen
+    yield shard
+
+
+# Each record is (text, id, kept columns) or a Reject; the row number is its position in this stream.
+Record = tuple[str, Any, dict[str, Any]] | Reject
+
+
+def _records(files: Sequence[Path], fields: Fields) -> Iterator[Record]:
+    row = 0
+    for path in files:
+        suffix = path.suffix.lower()
+        reader = _line_records if suffix in LINE_SUFFIXES else _column_records
+        for record in reader(path, fields, row):
+            row += 1
+            yield record
+
+
+def _line_records(path: Path, fields: Fields, first_row: int) -> Iterator[Record]:
+    jsonl = is_jsonl(path)
+    if not jsonl and (fields.id or fields.keep):
+        raise InputError(f"{path}: a .txt file has no fields; --id-field and --keep need .jsonl, .parquet or .csv")
+    for line in lines(path):
+        where = f"{display_name(path)}: line {line.number}"
+        try:
+            if not jsonl:
+                yield decode(line, path), None, {}
+                continue
+            record = json_record(line, path)
+            identity = _identity(record, fields.id, where) if fields.id else None
+            yield field_text(record, fields.text, where), identity, {name: record.get(name) for name in fields.keep}
+        except InputError as exc:
+            # The messages of st_npu.inputs start with the file and line; a reject keeps them apart.
+            reason = str(exc).removeprefix(where).removeprefix(":").strip()
+            yield Reject(first_row + line.number - 1, where, reason)
+
+
+def _identity(record: dict[str, Any], field_name: str, where: str) -> Any:
+    value = record.get(field_name)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InputError(f"{where}: id field {field_name!r} is {value!r:.40}, expected a string or an integer")
+    return value
+
+
+def _column_records(path: Path, fields: Fields, first_row: int) -> Iterator[Record]:
+    number = 0
+    for batch in _arrow_batches(path, fields):
+        columns = {name: batch.column(name).to_pylist() for name in fields.needed()}
+        for offset in range(batch.num_rows):
+            number += 1
+            where = f"{path}: row {number}"
+            text = columns[fields.text][offset]
+            if not isinstance(text, str):
+                yield Reject(first_row + number - 1, where, f"column {fields.text!r} is {text!r:.40}, expected a string")
+                continue
+            identity = columns[fields.id][offset] if fields.id else None
+            if fields.id and (isinstance(identity, bool) or not isinstance(identity, (str, int))):
+                yield Reject(first_row + number - 1, where,
+                             f"id column {fields.id!r} is {identity!r:.40}, expected a string or an integer")
+                continue
+            yield text, identity, {name: columns[name][offset] for name in fields.keep}
+
+
+def _arrow_batches(path: Path, fields: Fields) -> Iterator[Any]:
+    pyarrow, parquet, csv = pyarrow_modules()
+    needed = fields.needed()
+    try:
+        if path.suffix.lower() == ".parquet":
+            handle = parquet.ParquetFile(path)
+            _check_columns(path, needed, handle.schema_arrow.names)
+            yield from handle.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=needed)
+            return
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        header = csv.open_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter))
+        _check_columns(path, needed, header.schema.names)
+        header.close()
+        # Every column as a string: a text "123" or an id "007" must not turn into a number.
+        reader = csv.open_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter),
+                              convert_options=csv.ConvertOptions(include_columns=needed, strings_can_be_null=False,
+                                                                 column_types={name: pyarrow.string() for name in needed}),
+                              read_options=csv.ReadOptions(block_size=1 << 20))
+        yield from reader
+    except pyarrow.ArrowInvalid as exc:
+        raise InputError(f"{path}: cannot be read as {path.suffix.lstrip('.')}: {exc}") from None
+
+
+def _check_columns(path: Path, needed: list[str], present: list[str]) -> None:
+    missing = [name for name in needed if name not in present]
+    if missing:
+        raise InputError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(repr, present[:12]))}); "
+                         f"choose one with --text-field, --id-field or --keep")
+
