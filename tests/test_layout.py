@@ -9,19 +9,25 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "st_npu"
 
 
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
 def _imports() -> dict[str, set[str]]:
+    """Each module's st_npu imports, at any depth (a lazy import inside a function counts too)."""
+    modules = {_module_name(path) for path in PACKAGE.rglob("*.py")}
     graph = {}
     for path in PACKAGE.rglob("*.py"):
-        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
         targets = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("st_npu"):
-                targets.add(node.module)
-                targets |= {f"{node.module}.{alias.name}" for alias in node.names}
+                # `from package import submodule` imports the submodule, not (only) the package's __init__.
+                submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
+                targets |= submodules or {node.module}
             elif isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names if alias.name.startswith("st_npu")}
-        graph[name] = targets
-    return {name: {target for target in targets if target in graph} for name, targets in graph.items()}
+        graph[_module_name(path)] = targets & modules
+    return graph
 
 
 def test_nothing_imports_the_command_module():
