@@ -184,6 +184,12 @@ def warmup(model: Any, batch_size: int = 32) -> int:
     return len(shapes)
 
 
+def sample_features(model: Any, rows: int, tokens: int) -> MutableMapping[str, Any]:
+    """Stock-tokenized host features of exactly (rows, tokens), the last row short so the mask has padding."""
+    texts = [_text_of(tokens)] * (rows - 1) + [_text_of(min(tokens, 3))]
+    return type(model).preprocess(model, texts) if rows > 1 else type(model).preprocess(model, [_text_of(tokens)])
+
+
 def _text_of(tokens: int) -> str:
     """A text that BERT-style tokenizers turn into exactly ``tokens`` ids ([CLS] + words + [SEP])."""
     return " ".join(["hello"] * max(tokens - 2, 0))
