@@ -15,8 +15,9 @@ both.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,13 +75,35 @@ class _PaddedPreprocess:
     def __init__(self, model: Any, policy: ShapePolicy) -> None:
         self.model = model
         self.policy = policy
-        self.pending = threading.local()  # encode calls in other threads have their own batch in flight
+        # Per thread: encode calls in other threads have their own batch in flight, padding and options.
+        self.pending = threading.local()
         # On the last module, not the model: sentence-transformers 5.x calls model.forward(), skipping its hooks.
         self.hook = model[-1].register_forward_hook(self.on_last_module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> MutableMapping[str, Any]:
         features = type(self.model).preprocess(self.model, *args, **kwargs)
-        return self.pad(features)
+        # Outside encode (a user's own preprocess/tokenize call) stock's shapes are what the caller gets.
+        return self.pad(features) if getattr(self.pending, "inside", 0) else features
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        """The span of an encode call, where batches are padded."""
+        self.pending.inside = getattr(self.pending, "inside", 0) + 1
+        try:
+            yield
+        finally:
+            self.pending.inside -= 1
+
+    @contextlib.contextmanager
+    def tails(self, truncate_dim: int | None, normalize: bool) -> Iterator[_Tails]:
+        """Truncate and normalize ``sentence_embedding`` on the padded batch (a shape compiled once), not on the
+        real rows after the trim (a new shape for every row count)."""
+        previous = getattr(self.pending, "tails", None)
+        self.pending.tails = tails = _Tails(truncate_dim, normalize)
+        try:
+            yield tails
+        finally:
+            self.pending.tails = previous
 
     def pad(self, features: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         ids = features.get("input_ids")
@@ -89,9 +112,6 @@ class _PaddedPreprocess:
         rows, length = ids.shape
         policy = self.policy.for_model(self.model.max_seq_length)
         target = (policy.batch_bucket(rows), policy.seq_bucket(length))
-        if target == (rows, length):
-            self.pending.sizes = None
-            return features
         left = getattr(self.model.tokenizer, "padding_side", "right") == "left"
         pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
         padded = [key for key, value in features.items()
@@ -113,6 +133,9 @@ class _PaddedPreprocess:
             return output  # not a batch this padded (a direct call, training): leave it alone
         self.pending.sizes = None
         (padded_rows, padded_length), rows, length, left, padded_inputs = sizes
+        tails = getattr(self.pending, "tails", None)
+        if tails is not None and isinstance(output.get("sentence_embedding"), torch.Tensor):
+            output["sentence_embedding"] = tails.apply(output["sentence_embedding"])
         tokens = slice(padded_length - length, None) if left else slice(0, length)
         for key, value in output.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == padded_rows:
@@ -131,6 +154,20 @@ class _PaddedPreprocess:
         self.pending = threading.local()
 
 
+class _Tails:
+    """encode's ``truncate_dim``/``normalize_embeddings``, applied in the forward; records the rows' dtype."""
+
+    def __init__(self, truncate_dim: int | None, normalize: bool) -> None:
+        self.truncate_dim, self.normalize = truncate_dim, normalize
+        self.dtype: torch.dtype | None = None
+
+    def apply(self, embeddings: torch.Tensor) -> torch.Tensor:
+        self.dtype = embeddings.dtype
+        if self.truncate_dim is not None:
+            embeddings = embeddings[..., : self.truncate_dim]
+        return torch.nn.functional.normalize(embeddings, p=2, dim=1) if self.normalize else embeddings
+
+
 def _pad(value: torch.Tensor, target: tuple[int, int], fill: int, left: bool) -> torch.Tensor:
     rows, length = value.shape[:2]
     if target[0] > rows:  # extra rows repeat the last real one: fully masked rows could produce NaN
@@ -143,9 +180,12 @@ def _pad(value: torch.Tensor, target: tuple[int, int], fill: int, left: bool) ->
 
 def enable(model: Any, policy: ShapePolicy | None = None) -> ShapePolicy:
     """Pad this model's batches to bucket shapes from now on (again: replaces the policy). Returns the policy."""
+    from st_npu.grouping import GroupedEncode  # grouping builds on this module
+
     policy = policy or ShapePolicy()
     disable(model)
-    model.preprocess = _PaddedPreprocess(model, policy)
+    model.preprocess = padder = _PaddedPreprocess(model, policy)
+    model.encode = GroupedEncode(model, padder)
     return policy
 
 
@@ -154,6 +194,7 @@ def disable(model: Any) -> None:
     padder = model.__dict__.pop("preprocess", None)
     if isinstance(padder, _PaddedPreprocess):
         padder.hook.remove()
+        model.__dict__.pop("encode", None)
 
 
 def padder_of(model: Any) -> _PaddedPreprocess | None:
@@ -180,7 +221,9 @@ def warmup(model: Any, batch_size: int = 32) -> int:
     for rows, length in shapes:
         full = _text_of(length)
         model.encode([full] * rows, batch_size=rows, show_progress_bar=False)
-        model.encode([full] * (rows - 1) + [_text_of(1)], batch_size=rows, show_progress_bar=False)
+        # normalize_embeddings runs in the forward, on the padded batch: its shapes compile here too.
+        model.encode([full] * (rows - 1) + [_text_of(max(length - 1, 2))], batch_size=rows, show_progress_bar=False,
+                     normalize_embeddings=True)
     return len(shapes)
 
 
