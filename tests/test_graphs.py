@@ -152,3 +152,13 @@ def test_graphs_on_ascend(tiny_cls):
     assert graphs.runner_of(model).graphs, graphs.runner_of(model).failed
     eager = st_npu.SentenceTransformer(tiny_cls, device="npu:0", static_shapes=POLICY, graphs=False)
     assert np.abs(model.encode(TEXTS, batch_size=8) - eager.encode(TEXTS, batch_size=8)).max() <= 1e-5
+
+
+@needs_emulator
+def test_info_reports_compile_mode_graph_capture_and_task_queue(monkeypatch):
+    from st_npu import doctor
+
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "2")
+    runtime = doctor.collect()["runtime"]
+    assert runtime["graph capture"] == "available" and runtime["task queue"] == "TASK_QUEUE_ENABLE=2"
+    assert "compile mode" in runtime and "npu runtime" in doctor.format_report(doctor.collect())
