@@ -162,3 +162,17 @@ def test_info_reports_compile_mode_graph_capture_and_task_queue(monkeypatch):
     runtime = doctor.collect()["runtime"]
     assert runtime["graph capture"] == "available" and runtime["task queue"] == "TASK_QUEUE_ENABLE=2"
     assert "compile mode" in runtime and "npu runtime" in doctor.format_report(doctor.collect())
+
+
+@needs_emulator
+def test_captured_graphs_share_one_pool_no_larger_than_the_eager_peak(tiny_cls):
+    policy = ShapePolicy(seq_lengths=(16, 128), batch_sizes=(1, 8))
+    model = st_npu.SentenceTransformer(tiny_cls, device="npu:0", static_shapes=policy, graphs=False)
+    resident = torch.npu.memory_allocated(0)
+    torch.npu.reset_peak_memory_stats(0)
+    model.encode(["word " * 1000] * 8, batch_size=8)  # the largest shape: (8, max_seq_length)
+    eager_peak = torch.npu.max_memory_allocated(0) - resident
+    runner = graphs.enable(model)
+    assert runner.capture(8) == len(policy.for_model(model.max_seq_length).shapes(8))
+    held = torch.npu.memory_allocated(0) - resident
+    assert eager_peak * 0.5 < held <= 1.5 * eager_peak

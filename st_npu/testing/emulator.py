@@ -475,8 +475,9 @@ def _account(cpu: torch.Tensor, index: int) -> None:
         known = emulator.storages.get(key)
         capture = emulator.captures.get(index)
         if capture is not None and known is None:  # served by the graph's private pool
-            capture.allocate(key, nbytes, d)
-            weakref.finalize(storage, _release, key)
+            if key not in capture.storages:  # (views of a pool tensor come back here with its storage)
+                capture.allocate(key, nbytes, d)
+                weakref.finalize(storage, _release, key)
             return
         growth = nbytes - (known[1] if known else 0)
         total = _total_memory()
