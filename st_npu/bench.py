@@ -163,7 +163,9 @@ def summarize(passes: list[PassResult], texts: int, tokens: int, flops_per_token
         "batches": len(best.latencies_s),
         "padding_efficiency": tokens / best.computed_tokens if best.computed_tokens else None,
         "compiles": passes[0].compiles,  # the pass that meets the workload's shapes first; later ones reuse them
-        "launches_per_batch": best.launches["launches"] / best.batches if best.launches and best.batches else None,
+        # Batches that ran: the forwards the timer saw, or the replays where graphs replaced the forward.
+        "launches_per_batch": (best.launches["launches"] / (len(best.latencies_s) or best.launches["replays"]
+                                                            or best.batches) if best.launches else None),
         "replays": best.launches["replays"] if best.launches else None,
         "peak_memory_bytes": _lowest(p.peak_memory_bytes for p in passes),
         "flops_per_s": flops,
