@@ -44,7 +44,8 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         spec: the name of a known-model spec (``configs/models``) for a folder whose name does not say which
             model it holds; needed only when the folder lacks ``modules.json``.
         static_shapes: pad batches to a few bucket shapes (see :mod:`st_npu.static_shapes`); ``None`` turns
-            them on for NPUs only, ``True``/``False`` force it, a ``ShapePolicy`` sets the buckets.
+            them on for NPUs only, ``True``/``False`` force it, a ``ShapePolicy`` sets the buckets. Either way
+            one encode call runs its texts in sequence-bucket groups (:mod:`st_npu.grouping`).
         overlap: tokenize the next batches on a CPU thread while the device computes (:mod:`st_npu.overlap`);
             ``None`` turns it on for accelerators, off on the CPU, where the thread would compete for cores.
         graphs: capture each static shape's forward as a device graph in ``warmup()`` and replay it
@@ -98,6 +99,8 @@ class SentenceTransformer(_compat.TokenLengthSorted):
             static_shapes = torch_device.type == "npu"
         if static_shapes:
             enable(self, static_shapes if isinstance(static_shapes, ShapePolicy) else None)
+        else:  # one long text of a call still need not pad the short ones
+            enable(self, padding=False)
         if torch_device.type == "npu":
             attention.enable(self)
         _enable_graphs(self, graphs, bool(static_shapes))

@@ -72,9 +72,10 @@ def _bucket(buckets: tuple[int, ...], value: int) -> int:
 class _PaddedPreprocess:
     """Shadows ``model.preprocess`` on one instance: the stock result, padded to bucket shapes on the CPU."""
 
-    def __init__(self, model: Any, policy: ShapePolicy) -> None:
+    def __init__(self, model: Any, policy: ShapePolicy, padding: bool = True) -> None:
         self.model = model
         self.policy = policy
+        self.padding = padding  # False: bucket groups and encode's tails only, each batch at its own length
         # Per thread: encode calls in other threads have their own batch in flight, padding and options.
         self.pending = threading.local()
         # On the last module, not the model: sentence-transformers 5.x calls model.forward(), skipping its hooks.
@@ -111,7 +112,7 @@ class _PaddedPreprocess:
             return features
         rows, length = ids.shape
         policy = self.policy.for_model(self.model.max_seq_length)
-        target = (policy.batch_bucket(rows), policy.seq_bucket(length))
+        target = (policy.batch_bucket(rows), policy.seq_bucket(length)) if self.padding else (rows, length)
         left = getattr(self.model.tokenizer, "padding_side", "right") == "left"
         pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
         padded = [key for key, value in features.items()
@@ -147,7 +148,7 @@ class _PaddedPreprocess:
         return output
 
     def __getstate__(self) -> dict[str, Any]:  # threading.local does not pickle (multi-process pools)
-        return {"model": self.model, "policy": self.policy, "hook": self.hook}
+        return {"model": self.model, "policy": self.policy, "hook": self.hook, "padding": self.padding}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -178,13 +179,16 @@ def _pad(value: torch.Tensor, target: tuple[int, int], fill: int, left: bool) ->
     return value
 
 
-def enable(model: Any, policy: ShapePolicy | None = None) -> ShapePolicy:
-    """Pad this model's batches to bucket shapes from now on (again: replaces the policy). Returns the policy."""
+def enable(model: Any, policy: ShapePolicy | None = None, padding: bool = True) -> ShapePolicy:
+    """Pad this model's batches to bucket shapes from now on (again: replaces the policy). Returns the policy.
+
+    ``padding=False`` keeps only the bucket-grouped encode (:mod:`st_npu.grouping`): where shapes cost nothing
+    to compile (the CPU), each batch stays at its own length, and static shapes count as off."""
     from st_npu.grouping import GroupedEncode  # grouping builds on this module
 
     policy = policy or ShapePolicy()
     disable(model)
-    model.preprocess = padder = _PaddedPreprocess(model, policy)
+    model.preprocess = padder = _PaddedPreprocess(model, policy, padding)
     model.encode = GroupedEncode(model, padder)
     return policy
 
@@ -204,7 +208,9 @@ def padder_of(model: Any) -> _PaddedPreprocess | None:
 
 def policy_of(model: Any) -> ShapePolicy | None:
     padder = model.__dict__.get("preprocess")
-    return padder.policy.for_model(model.max_seq_length) if isinstance(padder, _PaddedPreprocess) else None
+    if not isinstance(padder, _PaddedPreprocess) or not padder.padding:
+        return None
+    return padder.policy.for_model(model.max_seq_length)
 
 
 def warmup(model: Any, batch_size: int = 32) -> int:
