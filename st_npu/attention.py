@@ -56,6 +56,12 @@ class _MaskSwap:
         self.reshape = reshape
         self.stash = threading.local()
 
+    def __getstate__(self) -> dict[str, Any]:  # threading.local does not pickle (multi-process pools)
+        return {"reshape": self.reshape}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["reshape"])
+
     def before(self, module: Any, args: tuple) -> tuple | None:
         features = args[0] if args and isinstance(args[0], dict) else None
         mask = features.get("attention_mask") if features is not None else None

@@ -63,7 +63,8 @@ def test_cpu_rows_ratios_and_agreement(cpu_run):
             assert row["sentences_per_s"] > 0 and row["tokens_per_s"] > 0
             assert row["sentences_per_s"] == pytest.approx(LIMIT / row["seconds"])
             assert row["seconds"] == min(p["seconds"] for p in row["passes"]) and len(row["passes"]) == 2
-            assert row["batches"] == -(-LIMIT // size)
+            # st_npu runs each sequence bucket as its own group: never fewer batches than stock
+            assert row["batches"] == -(-LIMIT // size) if row is stock else row["batches"] >= -(-LIMIT // size)
             assert 0 < row["padding_efficiency"] <= 1
             assert row["compiles"] is None  # nothing counts compilations on the CPU
             assert row["peak_memory_bytes"] == min(p["peak_memory_bytes"] for p in row["passes"])
