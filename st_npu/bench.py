@@ -79,6 +79,8 @@ class PassResult:
     compiles: int | None
     peak_memory_bytes: int | None
     embeddings: np.ndarray = field(repr=False)
+    launches: dict[str, int] | None = None
+    batches: int = 0
 
 
 # --- arguments and workloads ------------------------------------------------------------------------------
@@ -126,6 +128,7 @@ def run_pass(model: Any, workload: Workload, batch_size: int, device: torch.devi
     meter = memory_meter(device)
     gc.collect()  # garbage of earlier passes, collected inside this one, would count in its time
     compiles = compile_counter(device)
+    launches = measure.launch_counter(device)
     if meter is not None:
         meter.start()
     try:
@@ -140,7 +143,8 @@ def run_pass(model: Any, workload: Workload, batch_size: int, device: torch.devi
         peak = meter.stop() if meter is not None else None
         timer.remove()
     return PassResult(seconds, timer.latencies_s, timer.computed_tokens, compiles() if compiles else None, peak,
-                      np.asarray(embeddings, dtype=np.float32))
+                      np.asarray(embeddings, dtype=np.float32), launches() if launches else None,
+                      workload.calls * -(-len(workload.texts) // batch_size))
 
 
 def summarize(passes: list[PassResult], texts: int, tokens: int, flops_per_token: int,
@@ -159,6 +163,10 @@ def summarize(passes: list[PassResult], texts: int, tokens: int, flops_per_token
         "batches": len(best.latencies_s),
         "padding_efficiency": tokens / best.computed_tokens if best.computed_tokens else None,
         "compiles": passes[0].compiles,  # the pass that meets the workload's shapes first; later ones reuse them
+        # Batches that ran: the forwards the timer saw, or the replays where graphs replaced the forward.
+        "launches_per_batch": (best.launches["launches"] / (len(best.latencies_s) or best.launches["replays"]
+                                                            or best.batches) if best.launches else None),
+        "replays": best.launches["replays"] if best.launches else None,
         "peak_memory_bytes": _lowest(p.peak_memory_bytes for p in passes),
         "flops_per_s": flops,
         "peak_share": flops / peak_flops if peak_flops else None,
@@ -216,6 +224,10 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
 
     device = resolve_device(args.device)
     ours = load_model(args, device=str(device))
+    if getattr(args, "graphs", None) == "off":
+        from st_npu import graphs
+
+        graphs.disable(ours)
     stock = sentence_transformers.SentenceTransformer(str(resolve_model_path(args.model)), device=str(device))
     stock.to(STOCK_DTYPE)  # a half-precision checkpoint may load in its own dtype
     return stock, ours, device

@@ -14,7 +14,7 @@ PLOT_HINT = 'pip install "st-npu[bench]"'
 
 
 COLUMNS = (("batch", 6), ("model", 8), ("dtype", 10), ("sent/s", 10), ("tok/s", 11), ("p50 ms", 9), ("p95 ms", 9),
-           ("pad eff", 8), ("compiles", 9), ("peak MiB", 10), ("% peak", 8), ("speed x", 8), ("mem x", 6))
+           ("pad eff", 8), ("compiles", 9), ("launch/b", 9), ("replays", 8), ("peak MiB", 10), ("% peak", 8), ("speed x", 8), ("mem x", 6))
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -26,7 +26,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = (row["batch_size"], row["model"], row["dtype"], _number(row["sentences_per_s"], ".1f"),
                  _number(row["tokens_per_s"], ",.0f"), _number(row["latency_p50_ms"], ".1f"),
                  _number(row["latency_p95_ms"], ".1f"), _number(row["padding_efficiency"], ".2f"),
-                 _number(row["compiles"], "d"), _number(None if memory is None else memory / 2**20, ",.1f"),
+                 _number(row["compiles"], "d"), _number(row.get("launches_per_batch"), ".1f"),
+                 _number(row.get("replays"), "d"), _number(None if memory is None else memory / 2**20, ",.1f"),
                  _number(None if row["peak_share"] is None else row["peak_share"] * 100, ".1f"),
                  _number(ratio.get("sentences_per_s"), ".2f", "x"), _number(ratio.get("peak_memory_bytes"), ".2f", "x"))
         lines.append("".join(f"{cell!s:<{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True)).rstrip())

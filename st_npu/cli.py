@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed: the 23 sentences of the seed port; mixed: zh/en texts of 1 to 512 tokens")
     bench.add_argument("--limit", type=positive_int, help="use only the first N texts of the workload")
     bench.add_argument("--repeats", type=positive_int, default=1, help="timed passes per batch size and model")
+    bench.add_argument("--graphs", choices=("on", "off"), default="on",
+                       help="st_npu's graph mode where the device can capture (default on; emulated npu, Ascend, CUDA)")
     bench.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
     bench.add_argument("--plot", help="draw throughput, speed-up and latency against batch size to this PNG "
                                       "(needs matplotlib)")

@@ -76,6 +76,7 @@ def collect() -> dict[str, Any]:
                                      "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     report["devices"]["npu"] = _npu_devices(problems, report["versions"])
     npu = report["devices"]["npu"]
+    report["runtime"] = _npu_runtime() if npu["count"] else {}
     if npu["count"] and not npu.get("emulated") and os.environ.get("TASK_QUEUE_ENABLE") != "2":
         # Short-text embedding is host-bound on Ascend (the seed port: ~25 ms per 23-sentence call); level 2
         # lets the host queue operators ahead of the device.
@@ -102,6 +103,24 @@ def _emulator_from_env(problems: list[dict[str, str]]) -> None:
         install_from_env()
     except (ValueError, RuntimeError) as exc:
         problems.append({"problem": f"ST_NPU_EMULATE: {exc}", "fix": "unset ST_NPU_EMULATE or set it to a device count"})
+
+
+def _npu_runtime() -> dict[str, str]:
+    """What decides host overhead on Ascend: operator compile mode, graph capture, the task queue level."""
+    import torch
+
+    from st_npu.graphs import unavailable_reason
+
+    is_binary = getattr(torch.npu, "is_jit_compile_false", None)
+    if is_binary is None:
+        mode = "unknown (this torch_npu cannot say)"
+    else:
+        mode = ("binary kernels (jit_compile=False)" if is_binary() else
+                "online compilation (jit_compile=True; binary kernels: torch_npu.npu.set_compile_mode(jit_compile=False))")
+    reason = unavailable_reason(torch.device("npu", 0))
+    queue = os.environ.get("TASK_QUEUE_ENABLE")
+    return {"compile mode": mode, "graph capture": "available" if reason is None else f"unavailable: {reason}",
+            "task queue": f"TASK_QUEUE_ENABLE={queue}" if queue else "TASK_QUEUE_ENABLE unset (level 1, the default)"}
 
 
 def _npu_devices(problems: list[dict[str, str]], versions: dict[str, str | None]) -> dict[str, Any]:
@@ -144,6 +163,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{'  ' + detail if detail else ''}")
     if not report["devices"]:
         lines.append("  (unknown: torch could not be imported)")
+    if report.get("runtime"):
+        lines.append("npu runtime")
+        lines += [f"  {name:<20} {value}" for name, value in report["runtime"].items()]
     if report["environment"]:
         lines.append("environment")
         lines += [f"  {name}={value}" for name, value in report["environment"].items()]

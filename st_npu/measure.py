@@ -170,5 +170,17 @@ def compile_counter(device: torch.device) -> Callable[[], int] | None:
     return lambda: emulator.stats()["per_device"][index]["compiles"]
 
 
+def launch_counter(device: torch.device) -> Callable[[], dict[str, int]] | None:
+    """Device launches (a graph replay is one) and graph replays on ``device`` since the counter was made; only the
+    emulated npu counts them."""
+    if not is_emulated(device):
+        return None
+    from st_npu.testing import emulator
+
+    index = device.index or 0
+    start = emulator.stats()["per_device"][index]
+    return lambda: {key: emulator.stats()["per_device"][index][key] - start[key] for key in ("launches", "replays")}
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from st_npu import _compat
+from st_npu import _compat, attention, graphs
 from st_npu.devices import check_dtype_supported, resolve_device, resolve_dtype
 from st_npu.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
 from st_npu.outputs import atomic_folder
@@ -46,9 +46,13 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         spec: the name of a known-model spec (``configs/models``) for a folder whose name does not say which
             model it holds; needed only when the folder lacks ``modules.json``.
         static_shapes: pad batches to a few bucket shapes (see :mod:`st_npu.static_shapes`); ``None`` turns
-            them on for NPUs only, ``True``/``False`` force it, a ``ShapePolicy`` sets the buckets.
+            them on for NPUs only, ``True``/``False`` force it, a ``ShapePolicy`` sets the buckets. Either way
+            one encode call runs its texts in sequence-bucket groups (:mod:`st_npu.grouping`).
         overlap: tokenize the next batches on a CPU thread while the device computes (:mod:`st_npu.overlap`);
             ``None`` turns it on for accelerators, off on the CPU, where the thread would compete for cores.
+        graphs: capture each static shape's forward as a device graph in ``warmup()`` and replay it
+            (:mod:`st_npu.graphs`); ``None`` turns it on where static shapes are on and the device can capture
+            (NPU with ``torch.npu.NPUGraph``, not 910A; CUDA), ``True`` insists (an error says why it cannot).
         **stock_kwargs: any other argument of stock ``SentenceTransformer`` (prompts, model_kwargs, ...).
     """
 
@@ -61,6 +65,7 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         spec: str | None = None,
         static_shapes: bool | ShapePolicy | None = None,
         overlap: bool | None = None,
+        graphs: bool | None = None,
         **stock_kwargs: Any,
     ) -> None:
         unknown = set(stock_kwargs) - _compat.stock_init_parameters()
@@ -97,15 +102,25 @@ class SentenceTransformer(_compat.TokenLengthSorted):
             static_shapes = torch_device.type == "npu"
         if static_shapes:
             enable(self, static_shapes if isinstance(static_shapes, ShapePolicy) else None)
+        else:  # one long text of a call still need not pad the short ones
+            enable(self, padding=False)
+        if torch_device.type == "npu":
+            attention.enable(self)
+        _enable_graphs(self, graphs, bool(static_shapes))
 
     def warmup(self, batch_size: int = 32, show_progress_bar: bool = True) -> int:
-        """Compile every static shape an encode with ``batch_size`` can meet, now; returns how many ran.
+        """Compile every static shape an encode with ``batch_size`` can meet, now, and capture each one's graph
+        where graph mode is on; returns how many shapes ran.
 
         On Ascend each shape compiles its operators once: BERT-base at batch 32 has 36 shapes, minutes in all
         the first time (seconds once CANN's operator cache holds them). A progress bar counts the shapes and a
         summary line gives the time.
         """
-        return warmup(self, batch_size, show_progress_bar=show_progress_bar)
+        shapes = warmup(self, batch_size, show_progress_bar=show_progress_bar)
+        runner = graphs.runner_of(self)
+        if runner is not None:
+            runner.capture(batch_size)
+        return shapes
 
     def forward(self, input: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Stock forward; on a device out-of-memory error the batch is split in two and retried, in order."""
@@ -218,6 +233,16 @@ def check_texts(inputs: Any, singular: bool) -> None:
         if not isinstance(item, str):
             raise InvalidInputError(
                 f"encode() input at index {position} is {type(item).__name__} ({item!r:.40}), expected str.")
+
+
+def _enable_graphs(model: Any, wanted: bool | None, static_shapes: bool) -> None:
+    if wanted is False:
+        return
+    reason = graphs.unavailable_reason(model.device) or (None if static_shapes else "graphs need static shapes")
+    if reason is None:
+        graphs.enable(model)
+    elif wanted:
+        raise ValueError(f"graphs=True: {reason}")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -11,7 +11,8 @@ What the patch changes (``PatchHandle.changes``), and how each is restored:
   With no device and no ``device_map`` it picks ``npu:{LOCAL_RANK or 0}`` when an NPU is usable; ``"npu"``,
   ``"npu:N"`` and ``torch.device("npu", N)`` are resolved by st_npu, which loads torch_npu and checks the index.
   After stock's constructor it casts to the patch's dtype and turns on static shapes (and warm-up) from
-  ``st_npu.static_shapes``. Other devices, and machines without an NPU, get stock behaviour.
+  ``st_npu.static_shapes``, bool attention masks (``st_npu.attention``) and graph mode (``st_npu.graphs``,
+  instance attributes on that model only). Other devices, and machines without an NPU, get stock behaviour.
   ``st_npu.SentenceTransformer`` instances are left to their own constructor, which does all of this already.
 - ``sentence_transformers.SentenceTransformer.start_multi_process_pool`` is set on the class (stock inherits it
   from a base class, so undo deletes it again): see ``start_pool``. ``encode(texts, device=[...])`` goes
@@ -41,7 +42,7 @@ from typing import Any
 import sentence_transformers
 import torch
 
-from st_npu import static_shapes
+from st_npu import attention, graphs, static_shapes
 from st_npu.devices import check_dtype_supported, names_npu, npu_count, resolve_device, resolve_dtype
 from st_npu.pools import start_pool
 
@@ -59,6 +60,7 @@ class PatchOptions:
     static_shapes: bool | None = None  # None: on when the model lands on an NPU
     warmup: bool = False
     dtype: torch.dtype | None = None
+    graphs: bool | None = None  # None: on where static shapes are on and the device can capture
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ class PatchHandle:
 
 
 def patch(
-    static_shapes: bool | None = None, warmup: bool = False, dtype: str | torch.dtype | None = None
+    static_shapes: bool | None = None, warmup: bool = False, dtype: str | torch.dtype | None = None,
+    graphs: bool | None = None,
 ) -> PatchHandle:
     """Make every stock ``SentenceTransformer`` built from now on NPU-aware, until ``undo()``/``unpatch()``.
 
@@ -131,13 +134,15 @@ def patch(
             models that land on an NPU. Skipped where that module does not exist.
         warmup: compile every static shape right after each model is built.
         dtype: cast each model to float32, float16 or bfloat16 after loading; ``None`` keeps the checkpoint's.
+        graphs: replay each static shape as a captured device graph (``st_npu.graphs``), captured by the warm-up;
+            ``None`` turns it on where static shapes are on and the device can capture.
 
     Returns the handle of the new patch. While a patch is active, ``patch()`` changes nothing and returns a
     handle with no changes whose ``undo()`` does nothing (warning if its options differ from the active ones).
     """
     if warmup and static_shapes is False:
         raise ValueError("warmup=True needs static shapes: without them every new batch shape compiles anyway.")
-    options = PatchOptions(static_shapes, warmup, resolve_dtype(dtype))
+    options = PatchOptions(static_shapes, warmup, resolve_dtype(dtype), graphs)
     global _active
     with _lock:
         if _active is not None:
@@ -219,8 +224,19 @@ def _finish(model: Any, options: PatchOptions) -> None:
     if not wanted:
         return
     static_shapes.enable(model)
+    if model.device.type == "npu":
+        attention.enable(model)
+    runner = None
+    if options.graphs is not False:
+        reason = graphs.unavailable_reason(model.device)
+        if reason is None:
+            runner = graphs.enable(model)
+        elif options.graphs:
+            raise ValueError(f"st_npu.patch(graphs=True): {reason}")
     if options.warmup:
         static_shapes.warmup(model)
+        if runner is not None:
+            runner.capture(32)
 
 
 # --- multi-process pools -------------------------------------------------------------------------------------

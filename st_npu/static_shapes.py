@@ -15,10 +15,11 @@ both.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +74,39 @@ def _bucket(buckets: tuple[int, ...], value: int) -> int:
 class _PaddedPreprocess:
     """Shadows ``model.preprocess`` on one instance: the stock result, padded to bucket shapes on the CPU."""
 
-    def __init__(self, model: Any, policy: ShapePolicy) -> None:
+    def __init__(self, model: Any, policy: ShapePolicy, padding: bool = True) -> None:
         self.model = model
         self.policy = policy
-        self.pending = threading.local()  # encode calls in other threads have their own batch in flight
+        self.padding = padding  # False: bucket groups and encode's tails only, each batch at its own length
+        # Per thread: encode calls in other threads have their own batch in flight, padding and options.
+        self.pending = threading.local()
         # On the last module, not the model: sentence-transformers 5.x calls model.forward(), skipping its hooks.
         self.hook = model[-1].register_forward_hook(self.on_last_module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> MutableMapping[str, Any]:
         features = type(self.model).preprocess(self.model, *args, **kwargs)
-        return self.pad(features)
+        # Outside encode (a user's own preprocess/tokenize call) stock's shapes are what the caller gets.
+        return self.pad(features) if getattr(self.pending, "inside", 0) else features
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        """The span of an encode call, where batches are padded."""
+        self.pending.inside = getattr(self.pending, "inside", 0) + 1
+        try:
+            yield
+        finally:
+            self.pending.inside -= 1
+
+    @contextlib.contextmanager
+    def tails(self, truncate_dim: int | None, normalize: bool) -> Iterator[_Tails]:
+        """Truncate and normalize ``sentence_embedding`` on the padded batch (a shape compiled once), not on the
+        real rows after the trim (a new shape for every row count)."""
+        previous = getattr(self.pending, "tails", None)
+        self.pending.tails = tails = _Tails(truncate_dim, normalize)
+        try:
+            yield tails
+        finally:
+            self.pending.tails = previous
 
     def pad(self, features: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         ids = features.get("input_ids")
@@ -90,10 +114,7 @@ class _PaddedPreprocess:
             return features
         rows, length = ids.shape
         policy = self.policy.for_model(self.model.max_seq_length)
-        target = (policy.batch_bucket(rows), policy.seq_bucket(length))
-        if target == (rows, length):
-            self.pending.sizes = None
-            return features
+        target = (policy.batch_bucket(rows), policy.seq_bucket(length)) if self.padding else (rows, length)
         left = getattr(self.model.tokenizer, "padding_side", "right") == "left"
         pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
         padded = [key for key, value in features.items()
@@ -115,6 +136,9 @@ class _PaddedPreprocess:
             return output  # not a batch this padded (a direct call, training): leave it alone
         self.pending.sizes = None
         (padded_rows, padded_length), rows, length, left, padded_inputs = sizes
+        tails = getattr(self.pending, "tails", None)
+        if tails is not None and isinstance(output.get("sentence_embedding"), torch.Tensor):
+            output["sentence_embedding"] = tails.apply(output["sentence_embedding"])
         tokens = slice(padded_length - length, None) if left else slice(0, length)
         for key, value in output.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == padded_rows:
@@ -126,11 +150,25 @@ class _PaddedPreprocess:
         return output
 
     def __getstate__(self) -> dict[str, Any]:  # threading.local does not pickle (multi-process pools)
-        return {"model": self.model, "policy": self.policy, "hook": self.hook}
+        return {"model": self.model, "policy": self.policy, "hook": self.hook, "padding": self.padding}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.pending = threading.local()
+
+
+class _Tails:
+    """encode's ``truncate_dim``/``normalize_embeddings``, applied in the forward; records the rows' dtype."""
+
+    def __init__(self, truncate_dim: int | None, normalize: bool) -> None:
+        self.truncate_dim, self.normalize = truncate_dim, normalize
+        self.dtype: torch.dtype | None = None
+
+    def apply(self, embeddings: torch.Tensor) -> torch.Tensor:
+        self.dtype = embeddings.dtype
+        if self.truncate_dim is not None:
+            embeddings = embeddings[..., : self.truncate_dim]
+        return torch.nn.functional.normalize(embeddings, p=2, dim=1) if self.normalize else embeddings
 
 
 def _pad(value: torch.Tensor, target: tuple[int, int], fill: int, left: bool) -> torch.Tensor:
@@ -143,11 +181,17 @@ def _pad(value: torch.Tensor, target: tuple[int, int], fill: int, left: bool) ->
     return value
 
 
-def enable(model: Any, policy: ShapePolicy | None = None) -> ShapePolicy:
-    """Pad this model's batches to bucket shapes from now on (again: replaces the policy). Returns the policy."""
+def enable(model: Any, policy: ShapePolicy | None = None, padding: bool = True) -> ShapePolicy:
+    """Pad this model's batches to bucket shapes from now on (again: replaces the policy). Returns the policy.
+
+    ``padding=False`` keeps only the bucket-grouped encode (:mod:`st_npu.grouping`): where shapes cost nothing
+    to compile (the CPU), each batch stays at its own length, and static shapes count as off."""
+    from st_npu.grouping import GroupedEncode  # grouping builds on this module
+
     policy = policy or ShapePolicy()
     disable(model)
-    model.preprocess = _PaddedPreprocess(model, policy)
+    model.preprocess = padder = _PaddedPreprocess(model, policy, padding)
+    model.encode = GroupedEncode(model, padder)
     return policy
 
 
@@ -156,6 +200,7 @@ def disable(model: Any) -> None:
     padder = model.__dict__.pop("preprocess", None)
     if isinstance(padder, _PaddedPreprocess):
         padder.hook.remove()
+        model.__dict__.pop("encode", None)
 
 
 def padder_of(model: Any) -> _PaddedPreprocess | None:
@@ -165,7 +210,9 @@ def padder_of(model: Any) -> _PaddedPreprocess | None:
 
 def policy_of(model: Any) -> ShapePolicy | None:
     padder = model.__dict__.get("preprocess")
-    return padder.policy.for_model(model.max_seq_length) if isinstance(padder, _PaddedPreprocess) else None
+    if not isinstance(padder, _PaddedPreprocess) or not padder.padding:
+        return None
+    return padder.policy.for_model(model.max_seq_length)
 
 
 def warmup(model: Any, batch_size: int = 32, max_tokens: int | None = None, show_progress_bar: bool = True) -> int:
@@ -191,12 +238,20 @@ def warmup(model: Any, batch_size: int = 32, max_tokens: int | None = None, show
                              disable=not show_progress_bar):
         full = _text_of(length)
         model.encode([full] * rows, batch_size=rows, show_progress_bar=False)
-        model.encode([full] * (rows - 1) + [_text_of(1)], batch_size=rows, show_progress_bar=False)
+        # normalize_embeddings runs in the forward, on the padded batch: its shapes compile here too.
+        model.encode([full] * (rows - 1) + [_text_of(max(length - 1, 2))], batch_size=rows, show_progress_bar=False,
+                     normalize_embeddings=True)
     if show_progress_bar and shapes:
         rows, length = max(rows for rows, _ in shapes), max(length for _, length in shapes)
         tqdm.write(f"st_npu warm-up: {len(shapes)} shapes (up to {rows} rows x {length} tokens) on {model.device} "
                    f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return len(shapes)
+
+
+def sample_features(model: Any, rows: int, tokens: int) -> MutableMapping[str, Any]:
+    """Stock-tokenized host features of exactly (rows, tokens), the last row short so the mask has padding."""
+    texts = [_text_of(tokens)] * (rows - 1) + [_text_of(min(tokens, 3))]
+    return type(model).preprocess(model, texts) if rows > 1 else type(model).preprocess(model, [_text_of(tokens)])
 
 
 def _text_of(tokens: int) -> str:

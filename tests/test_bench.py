@@ -63,7 +63,8 @@ def test_cpu_rows_ratios_and_agreement(cpu_run):
             assert row["sentences_per_s"] > 0 and row["tokens_per_s"] > 0
             assert row["sentences_per_s"] == pytest.approx(LIMIT / row["seconds"])
             assert row["seconds"] == min(p["seconds"] for p in row["passes"]) and len(row["passes"]) == 2
-            assert row["batches"] == -(-LIMIT // size)
+            # st_npu runs each sequence bucket as its own group: never fewer batches than stock
+            assert row["batches"] == -(-LIMIT // size) if row is stock else row["batches"] >= -(-LIMIT // size)
             assert 0 < row["padding_efficiency"] <= 1
             assert row["compiles"] is None  # nothing counts compilations on the CPU
             assert row["peak_memory_bytes"] == min(p["peak_memory_bytes"] for p in row["passes"])
@@ -170,9 +171,10 @@ def test_format_table_one_line_per_row_with_ratios():
             "padding_efficiency": 0.8, "compiles": None, "peak_memory_bytes": 3 * 2**20, "peak_share": 0.123}
     rows = [{**base, "batch_size": 32, "model": "stock", "sentences_per_s": 100.0, "ratio": None},
             {**base, "batch_size": 32, "model": "st_npu", "dtype": "bfloat16", "sentences_per_s": 412.0,
-             "compiles": 0, "ratio": {"sentences_per_s": 4.12, "peak_memory_bytes": 0.5}}]
+             "compiles": 0, "launches_per_batch": 4.0, "replays": 3,
+             "ratio": {"sentences_per_s": 4.12, "peak_memory_bytes": 0.5}}]
     header, stock, ours = bench_report.format_table(rows).splitlines()
     assert header.split()[:4] == ["batch", "model", "dtype", "sent/s"] and "speed x" in header
-    assert stock.split() == ["32", "stock", "float32", "100.0", "12,346", "1.2", "2.5", "0.80", "-", "3.0", "12.3",
-                             "-", "-"]
-    assert ours.split()[-4:] == ["3.0", "12.3", "4.12x", "0.50x"] and ours.split()[8] == "0"
+    assert stock.split() == ["32", "stock", "float32", "100.0", "12,346", "1.2", "2.5", "0.80", "-", "-", "-", "3.0",
+                             "12.3", "-", "-"]
+    assert ours.split()[-4:] == ["3.0", "12.3", "4.12x", "0.50x"] and ours.split()[8:11] == ["0", "4.0", "3"]

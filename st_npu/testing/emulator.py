@@ -60,6 +60,9 @@ _CPU_OPERAND_OPS = frozenset({"aten::index.Tensor", "aten::index_put", "aten::in
 class _Device:
     compiles: int = 0
     ops: int = 0
+    launches: int = 0
+    replays: int = 0
+    sdpa_unfused: int = 0
     allocated: int = 0
     peak: int = 0
     compiled: set[tuple[Any, ...]] = field(default_factory=set)
@@ -74,6 +77,8 @@ class _Emulator:
     current: int = 0
     # id of each live storage created on a device -> (device index, bytes)
     storages: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # device index -> the graph capture under way there (see the graphs section)
+    captures: dict[int, _Capture] = field(default_factory=dict)
 
 
 # Re-entrant: a storage finalizer (which takes the lock) may run from garbage collection inside a locked section.
@@ -221,25 +226,27 @@ def set_memory_limit(limit_bytes: int | None) -> None:
 
 
 def stats() -> dict[str, Any]:
-    """Compiles and operators run since install or ``reset_stats``, in total and per device, plus memory."""
+    """Counts since install or ``reset_stats``, in total and per device, plus memory.
+
+    ``ops``: operators dispatched; ``launches``: those that put work on the device (kernels and transfers; a graph
+    replay is one); ``replays``: graph replays; ``sdpa_unfused``: SDPA calls that miss the fused kernel.
+    """
     with _lock:
         per_device = {
-            index: {"compiles": d.compiles, "ops": d.ops, "memory_allocated": d.allocated,
-                    "max_memory_allocated": d.peak}
+            index: {"compiles": d.compiles, "ops": d.ops, "launches": d.launches, "replays": d.replays,
+                    "sdpa_unfused": d.sdpa_unfused, "memory_allocated": d.allocated, "max_memory_allocated": d.peak}
             for index, d in enumerate(_require().devices)
         }
-    return {
-        "compiles": sum(d["compiles"] for d in per_device.values()),
-        "ops": sum(d["ops"] for d in per_device.values()),
-        "per_device": per_device,
-    }
+    totals = {key: sum(d[key] for d in per_device.values())
+              for key in ("compiles", "ops", "launches", "replays", "sdpa_unfused")}
+    return {**totals, "per_device": per_device}
 
 
 def reset_stats() -> None:
     """Zero the compile and operator counts; the compile caches stay, as a device keeps its compiled operators."""
     with _lock:
         for d in _require().devices:
-            d.compiles = d.ops = 0
+            d.compiles = d.ops = d.launches = d.replays = d.sdpa_unfused = 0
 
 
 # --- torch.npu and torch_npu -------------------------------------------------------------------------------------
@@ -369,6 +376,7 @@ def _fallback(func: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
 def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> Any:
     # Under inference mode composite operators (e.g. to) skip autograd and arrive here whole: break them down as
     # autograd would have, or running them on the CPU data could alias where the caller expects a copy.
+    _note_sdpa(func.name(), args, kwargs)
     decomposed = func.decompose(*args, **kwargs)
     if decomposed is not NotImplemented:
         return decomposed
@@ -386,7 +394,12 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
     devices = {t.device for t in tensors} | ({target} if target is not None else set())
     transfer = name == "aten::_local_scalar_dense" or (name in _COPY_OPS and len(devices) > 1)
     kernel = not (transfer or name in _NO_KERNEL_OPS or _is_view(func))
-    _record(npu_indices[0] if npu_indices else out_index, name, tensors, kernel)
+    index = npu_indices[0] if npu_indices else out_index
+    capture = _capture_on(index)
+    if capture is not None and (transfer or name in _DATA_DEPENDENT_OPS):
+        capture.failed = name
+        raise RuntimeError(_CAPTURE_ERROR)
+    _record(index, name, tensors, kernel, capturing=capture is not None)
 
     def to_cpu(x: Any) -> Any:
         if isinstance(x, _NpuTensor):
@@ -413,7 +426,10 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
         _account(x, out_index)
         return _NpuTensor(x, out_index)
 
-    return pytree.tree_map(to_npu, result)
+    output = pytree.tree_map(to_npu, result)
+    if capture is not None:
+        capture.record(func, args, kwargs, output, to_cpu)
+    return output
 
 
 @functools.cache
@@ -441,12 +457,13 @@ def _sync_metadata(tensor: _NpuTensor) -> None:
         torch.Tensor.data.__set__(tensor, _NpuTensor(cpu, tensor.device.index))
 
 
-def _record(index: int, name: str, tensors: list[torch.Tensor], kernel: bool) -> None:
+def _record(index: int, name: str, tensors: list[torch.Tensor], kernel: bool, capturing: bool = False) -> None:
     signature = (name, tuple((tuple(t.shape), t.dtype) for t in tensors))
     with _lock:
         emulator = _require()
         d = emulator.devices[index]
         d.ops += 1
+        d.launches += (kernel or name in _COPY_OPS or name == "aten::_local_scalar_dense") and not capturing
         compiles = kernel and signature not in d.compiled
         if compiles:
             d.compiled.add(signature)
@@ -467,6 +484,12 @@ def _account(cpu: torch.Tensor, index: int) -> None:
         emulator = _require()
         d = emulator.devices[index]
         known = emulator.storages.get(key)
+        capture = emulator.captures.get(index)
+        if capture is not None and known is None:  # served by the graph's private pool
+            if key not in capture.storages:  # (views of a pool tensor come back here with its storage)
+                capture.allocate(key, nbytes, d)
+                weakref.finalize(storage, _release, key)
+            return
         growth = nbytes - (known[1] if known else 0)
         total = _total_memory()
         if growth > 0 and d.allocated + growth > total:
@@ -485,6 +508,10 @@ def _account(cpu: torch.Tensor, index: int) -> None:
 def _release(key: int) -> None:
     with _lock:
         emulator = _require()
+        if key not in emulator.storages:  # pool memory: the pool keeps it (see _Capture.allocate)
+            for capture in emulator.captures.values():
+                capture.free(key)
+            return
         index, nbytes = emulator.storages.pop(key)
         emulator.devices[index].allocated -= nbytes
 
@@ -532,6 +559,233 @@ def _visible_device_count(physical: int, environ: Mapping[str, str] = os.environ
     if problem:
         raise RuntimeError(f"ASCEND_RT_VISIBLE_DEVICES={value!r}: {problem}")
     return len(listed)
+
+
+# --- graphs: torch.npu.NPUGraph ------------------------------------------------------------------------------
+#
+# Mirrors torch_npu/npu/graphs.py (torch.npu.NPUGraph, torch.npu.graph, graph_pool_handle,
+# is_current_stream_capturing), which has CUDA graphs' shape. Capture on the current device records each operator
+# launch and computes nothing the caller may rely on: when capture ends, every tensor it produced holds garbage
+# (NaN, or -1 for integers) until the first replay, as on hardware. A replay re-runs the recorded launches on the
+# captured buffers and counts as one launch. During capture, a host<->device copy, ``.item()`` or an operator whose
+# output shape depends on data (nonzero, masked_select, unique, ...) raises; the wording is CUDA's (PyTorch's
+# ``cudaErrorStreamCaptureUnsupported``), as torch_npu's ACL runtime text could not be checked here. Memory
+# allocated during capture comes from the graph's private pool: the pool keeps the capture's peak for as long as a
+# graph uses it, graphs sharing a pool (``pool=``) share that memory, and replays allocate nothing.
+# Not emulated: ``make_graphed_callables``, ``update``, capture on side streams, capture_error_mode other than
+# "global" (all modes behave as "global"), and which operators the chip could not capture (only aclnn ones can).
+
+_DATA_DEPENDENT_OPS = frozenset({
+    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive",
+    "aten::_unique2", "aten::unique_dim", "aten::_unique", "aten::bincount", "aten::repeat_interleave.Tensor",
+})
+_CAPTURE_ERROR = "NPU error: operation not permitted when stream is capturing"
+_SDPA_OPS = frozenset({"aten::scaled_dot_product_attention", "aten::_fused_sdp_choice"})
+
+
+class _Slot:
+    """A tensor produced during capture: replays compute it again (see _Capture.record)."""
+
+    __slots__ = ("number",)
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+
+class _GraphPool:
+    """A private memory pool (``graph_pool_handle()``): holds the largest capture peak of the graphs using it."""
+
+    def __init__(self) -> None:
+        self.index: int | None = None
+        self.reserved = [0]  # a box, read by the finalizer after the pool itself is gone
+
+    def bind(self, index: int) -> None:
+        if self.index is None:
+            self.index = index
+            weakref.finalize(self, _release_pool, index, self.reserved)
+        elif self.index != index:
+            raise RuntimeError(f"a graph pool of npu:{self.index} cannot serve a capture on npu:{index}")
+
+
+def _release_pool(index: int, reserved: list[int]) -> None:
+    with _lock:
+        if _emulator is not None:
+            _emulator.devices[index].allocated -= reserved[0]
+
+
+class _Capture:
+    """One capture under way on one device: its recorded launches and its pool use."""
+
+    def __init__(self, graph: NPUGraph, pool: _GraphPool, index: int) -> None:
+        self.graph, self.pool, self.index = graph, pool, index
+        self.launches: list[tuple[Any, ...]] = []
+        self.slots: dict[int, tuple[int, weakref.ref]] = {}  # id of a CPU tensor made here -> (slot, the tensor)
+        self.storages: dict[int, int] = {}  # pool storages made by this capture -> bytes
+        self.live = 0
+        self.counter = -1
+        self.failed: str | None = None
+
+    def allocate(self, key: int, nbytes: int, device: _Device) -> None:
+        self.storages[key] = nbytes
+        self.live += nbytes
+        growth = self.live - self.pool.reserved[0]
+        if growth > 0:
+            if device.allocated + growth > _total_memory():
+                raise RuntimeError(f"NPU out of memory. Tried to allocate {_format_bytes(growth)} (NPU {self.index}; "
+                                   f"graph capture; limit set by st_npu.testing.emulator)")
+            self.pool.reserved[0] += growth
+            device.allocated += growth
+            device.peak = max(device.peak, device.allocated)
+
+    def free(self, key: int) -> None:
+        self.live -= self.storages.pop(key, 0)
+
+    def record(self, func: Any, args: tuple, kwargs: dict, output: Any, to_cpu: Any) -> None:
+        inputs = [to_cpu(x) for x in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(x, torch.Tensor)]
+
+        def template(x: Any) -> Any:
+            x = to_cpu(x)
+            if isinstance(x, torch.Tensor):
+                known = self.slots.get(id(x))
+                if known is not None and known[1]() is x:
+                    return _Slot(known[0])
+            return x  # made before capture (weights, static inputs): replays read its current data
+
+        outputs = []
+        for leaf in pytree.tree_leaves(output):
+            cpu = to_cpu(leaf) if isinstance(leaf, torch.Tensor) else None
+            if cpu is None or any(cpu is x for x in inputs):  # in-place: the input already stands for it
+                outputs.append(None)
+                continue
+            number = self.counter = self.counter + 1
+            self.slots[id(cpu)] = (number, weakref.ref(cpu))
+            outputs.append((number, weakref.ref(cpu)))
+        self.launches.append((func, pytree.tree_map(template, args), pytree.tree_map(template, kwargs), outputs))
+
+    def garbage(self) -> None:
+        """What capture computed is not there on hardware: overwrite every buffer made from pool memory."""
+        for _, tensor_ref in self.slots.values():
+            tensor = tensor_ref()
+            if tensor is not None and id(tensor.untyped_storage()) in self.storages:
+                tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+
+
+def _capture_on(index: int | None) -> _Capture | None:
+    return None if index is None or _emulator is None else _emulator.captures.get(index)
+
+
+def _note_sdpa(name: str, args: tuple, kwargs: dict) -> None:
+    """Count SDPA calls torch_npu would not send to npu_fusion_attention: a non-bool mask, non-4-D inputs, or a chip
+    before the 910B (op-plugin's ScaledDotProductAttention kernel)."""
+    if name not in _SDPA_OPS or not isinstance(args[0], _NpuTensor):
+        return
+    query, index = args[0], args[0].device.index
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    fused = (query.dim() == 4 and (mask is None or mask.dtype == torch.bool)
+             and not _require().chip.startswith(("Ascend910A", "Ascend310")))
+    if not fused:
+        with _lock:
+            _require().devices[index].sdpa_unfused += 1
+
+
+class NPUGraph:
+    """``torch.npu.NPUGraph``: capture_begin/capture_end/replay/reset/pool on the emulated npu."""
+
+    def __init__(self) -> None:
+        self._launches: list[tuple[Any, ...]] | None = None
+        self._pool: _GraphPool | None = None
+        self._index: int | None = None
+
+    def capture_begin(self, pool: _GraphPool | None = None, capture_error_mode: str = "global") -> None:
+        if capture_error_mode not in ("global", "thread_local", "relaxed"):
+            raise ValueError(f"unknown capture_error_mode {capture_error_mode!r}")
+        if self._launches is not None:
+            raise RuntimeError("This NPUGraph instance already owns a captured graph; call reset() first")
+        index = _require().current
+        pool = pool if pool is not None else _GraphPool()
+        with _lock:
+            if index in _emulator.captures:
+                raise RuntimeError(f"npu:{index} is already capturing a graph")
+            pool.bind(index)
+            self._pool, self._index = pool, index
+            _emulator.captures[index] = _Capture(self, pool, index)
+
+    def capture_end(self) -> None:
+        with _lock:
+            capture = _emulator.captures.pop(self._index, None)
+        if capture is None:
+            raise RuntimeError("capture_end() without capture_begin()")
+        if capture.failed:
+            raise RuntimeError(f"NPU error: operation failed due to a previous error during capture "
+                               f"({capture.failed})")
+        capture.garbage()
+        self._launches = capture.launches
+
+    def replay(self) -> None:
+        if self._launches is None:
+            raise RuntimeError("replay() needs a captured graph: call capture_begin()/capture_end() first")
+        values: dict[int, torch.Tensor] = {}
+
+        def fill(x: Any) -> Any:
+            return values[x.number] if isinstance(x, _Slot) else x
+
+        with torch.inference_mode():
+            for func, args, kwargs, outputs in self._launches:
+                result = func(*pytree.tree_map(fill, args), **pytree.tree_map(fill, kwargs))
+                for leaf, out in zip(pytree.tree_leaves(result), outputs):
+                    if out is None:
+                        continue
+                    values[out[0]] = leaf
+                    captured = out[1]()
+                    if captured is not None and captured is not leaf and captured.data_ptr() != leaf.data_ptr():
+                        captured.copy_(leaf)  # a buffer someone holds (the graph's outputs) gets the new data
+        with _lock:
+            d = _require().devices[self._index]
+            d.launches += 1
+            d.replays += 1
+
+    def reset(self) -> None:
+        self._launches = None
+        self._pool = None
+
+    def pool(self) -> _GraphPool:
+        if self._pool is None:
+            raise RuntimeError("pool() needs a captured graph")
+        return self._pool
+
+
+class _GraphContext:
+    """``torch.npu.graph(npu_graph, pool=None, stream=None, capture_error_mode="global")``."""
+
+    def __init__(self, npu_graph: NPUGraph, pool: _GraphPool | None = None, stream: Any = None,
+                 capture_error_mode: str = "global") -> None:
+        self.graph, self.pool, self.mode = npu_graph, pool, capture_error_mode
+
+    def __enter__(self) -> None:
+        _TorchNpu.synchronize()
+        self.graph.capture_begin(pool=self.pool, capture_error_mode=self.mode)
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        if kind is None:
+            self.graph.capture_end()
+            return
+        with _lock:  # the capture is abandoned; the original error is the one worth seeing
+            _emulator.captures.pop(self.graph._index, None)
+        self.graph.reset()
+
+
+def _graph_pool_handle() -> _GraphPool:
+    return _GraphPool()
+
+
+def _is_current_stream_capturing() -> bool:
+    return _emulator is not None and _emulator.current in _emulator.captures
+
+
+_TorchNpu.NPUGraph = NPUGraph
+_TorchNpu.graph = _GraphContext
+_TorchNpu.graph_pool_handle = staticmethod(_graph_pool_handle)
+_TorchNpu.is_current_stream_capturing = staticmethod(_is_current_stream_capturing)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------

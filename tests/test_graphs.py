@@ -1,0 +1,178 @@
+"""Graph mode (st_npu.graphs), the emulated npu's graphs, and SDPA masks that reach the fused kernel.
+
+On the emulated npu these tests prove what is captured, replayed, counted and copied; not Ascend's graph runtime,
+its kernels or speed. ``test_graphs_on_ascend`` runs on hardware with ST_NPU_TEST_DEVICE=npu.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import sentence_transformers
+import torch
+from conftest import needs_emulator
+
+import st_npu
+from st_npu import graphs
+from st_npu.static_shapes import ShapePolicy
+from st_npu.testing import emulator
+from st_npu.workloads import mixed_corpus, seed_sentences
+
+POLICY = ShapePolicy(seq_lengths=(16, 64), batch_sizes=(1, 8))
+TEXTS = [text for text in mixed_corpus(40) if len(text) < 150][:12]
+
+
+def _model(folder, device, **kwargs):
+    model = st_npu.SentenceTransformer(folder, device=device, static_shapes=POLICY, **kwargs)
+    model.warmup(batch_size=8)
+    return model
+
+
+@needs_emulator
+def test_capture_records_launches_without_computing_and_replay_runs_them():
+    x = torch.zeros(2, 3, device="npu:0")
+    graph = torch.npu.NPUGraph()
+    with torch.npu.graph(graph):
+        y = (x + 1) * 2
+    assert torch.isnan(y.cpu()).all()  # garbage until the first replay, as on hardware
+    x.copy_(torch.ones(2, 3))
+    emulator.reset_stats()
+    graph.replay()
+    assert emulator.stats()["per_device"][0]["launches"] == 1 and emulator.stats()["replays"] == 1
+    assert torch.equal(y.cpu(), torch.full((2, 3), 4.0))
+
+
+@needs_emulator
+@pytest.mark.parametrize("sync", [lambda x: x.sum().item(), lambda x: x.cpu(), lambda x: x.nonzero(),
+                                  lambda x: x.to("npu:1")])
+def test_capture_refuses_a_host_sync(sync):
+    x = torch.ones(4, device="npu:0")
+    with pytest.raises(RuntimeError, match="operation not permitted when stream is capturing"):
+        with torch.npu.graph(torch.npu.NPUGraph()):
+            sync(x)
+    assert not torch.npu.is_current_stream_capturing()
+
+
+@needs_emulator
+def test_graph_mode_replays_one_graph_per_batch_with_eager_and_stock_results(tiny_cls):
+    model = _model(tiny_cls, "npu:1")
+    assert len(graphs.runner_of(model).graphs) == len(POLICY.for_model(model.max_seq_length).shapes(8))
+    emulator.reset_stats()
+    got = model.encode(TEXTS, batch_size=8)
+    counts = emulator.stats()["per_device"][1]
+    batches = -(-len(TEXTS) // 8)
+    # Every batch is a replay (bucket groups may add batches) with a few copies around it; nothing compiles.
+    assert counts["replays"] >= batches and counts["launches"] <= 10 * counts["replays"]
+    assert counts["compiles"] == 0 and counts["sdpa_unfused"] == 0
+    eager = st_npu.SentenceTransformer(tiny_cls, device="npu:2", static_shapes=POLICY, graphs=False)
+    emulator.reset_stats()
+    expected = eager.encode(TEXTS, batch_size=8)
+    assert emulator.stats()["per_device"][2]["launches"] > 5 * counts["launches"]
+    stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="npu:2").encode(TEXTS, batch_size=8)
+    assert np.abs(got - expected).max() <= 1e-6 and np.abs(got - stock).max() <= 1e-6
+
+
+@needs_emulator
+def test_replay_outputs_are_not_aliased_across_calls(tiny_cls):
+    model = _model(tiny_cls, "npu:3")
+    first = model.encode(TEXTS[:5], batch_size=8, convert_to_tensor=True)
+    kept = first.cpu().clone()
+    tokens = model.encode(TEXTS[:5], batch_size=8, output_value="token_embeddings")
+    kept_tokens = [t.cpu().clone() for t in tokens]
+    model.encode(TEXTS[5:], batch_size=8, convert_to_tensor=True)
+    model.encode(TEXTS[5:], batch_size=8, output_value="token_embeddings")
+    assert torch.equal(first.cpu(), kept)
+    assert all(torch.equal(t.cpu(), k) for t, k in zip(tokens, kept_tokens))
+
+
+@needs_emulator
+def test_a_capture_that_fails_falls_back_to_eager_with_one_warning(tiny_cls, caplog):
+    reference = st_npu.SentenceTransformer(tiny_cls, device="cpu").encode(TEXTS, batch_size=8)
+    model = st_npu.SentenceTransformer(tiny_cls, device="npu:4", static_shapes=POLICY)
+    # A host sync in the middle of the forward, like transformers' own mask checks.
+    model[1].register_forward_pre_hook(lambda module, args: args[0]["attention_mask"].sum().item() and None)
+    with caplog.at_level(logging.WARNING, logger="st_npu.graphs"):
+        model.warmup(batch_size=8)
+        model.warmup(batch_size=8)
+        got = model.encode(TEXTS, batch_size=8)
+    warnings = [r.message for r in caplog.records if "Graph capture failed" in r.message]
+    assert len(warnings) == 1 and "not permitted when stream is capturing" in warnings[0]
+    assert not graphs.runner_of(model).graphs
+    assert np.abs(got - reference).max() <= 1e-6
+
+
+@needs_emulator
+def test_graphs_on_two_devices(tiny_cls):
+    models = [_model(tiny_cls, f"npu:{index}") for index in (5, 6)]
+    emulator.reset_stats()
+    results = [model.encode(TEXTS, batch_size=8) for model in models]
+    stats = emulator.stats()["per_device"]
+    assert stats[5]["replays"] == stats[6]["replays"] >= 2
+    assert np.abs(results[0] - results[1]).max() == 0
+
+
+@needs_emulator
+def test_patch_turns_graphs_on_for_stock_models(tiny_cls):
+    with st_npu.patch(warmup=True):
+        stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="npu:7")
+    assert graphs.runner_of(stock).graphs
+    emulator.reset_stats()
+    got = stock.encode(seed_sentences(), batch_size=32)
+    counts = emulator.stats()["per_device"][7]
+    assert counts["replays"] >= 1 and counts["compiles"] == 0
+    expected = st_npu.SentenceTransformer(tiny_cls, device="cpu").encode(seed_sentences(), batch_size=32)
+    assert np.abs(got - expected).max() <= 1e-6
+
+
+@needs_emulator
+def test_graphs_are_off_where_they_cannot_run(tiny_cls):
+    assert graphs.runner_of(st_npu.SentenceTransformer(tiny_cls, device="cpu")) is None
+    assert graphs.runner_of(st_npu.SentenceTransformer(tiny_cls, device="npu:0", graphs=False)) is None
+    with pytest.raises(ValueError, match="graphs=True"):
+        st_npu.SentenceTransformer(tiny_cls, device="cpu", graphs=True)
+
+
+@needs_emulator
+def test_sdpa_with_a_float_mask_misses_the_fused_kernel():
+    q = torch.randn(1, 2, 4, 8, device="npu:0")
+    emulator.reset_stats()
+    with torch.inference_mode():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 1, 4, 4, device="npu:0"))
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool,
+                                                                                      device="npu:0"))
+    assert emulator.stats()["sdpa_unfused"] == 1
+
+
+@pytest.mark.skipif(os.environ.get("ST_NPU_TEST_DEVICE") != "npu", reason="needs Ascend (ST_NPU_TEST_DEVICE=npu)")
+def test_graphs_on_ascend(tiny_cls):
+    model = _model(tiny_cls, "npu:0")
+    assert graphs.runner_of(model).graphs, graphs.runner_of(model).failed
+    eager = st_npu.SentenceTransformer(tiny_cls, device="npu:0", static_shapes=POLICY, graphs=False)
+    assert np.abs(model.encode(TEXTS, batch_size=8) - eager.encode(TEXTS, batch_size=8)).max() <= 1e-5
+
+
+@needs_emulator
+def test_info_reports_compile_mode_graph_capture_and_task_queue(monkeypatch):
+    from st_npu import doctor
+
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "2")
+    runtime = doctor.collect()["runtime"]
+    assert runtime["graph capture"] == "available" and runtime["task queue"] == "TASK_QUEUE_ENABLE=2"
+    assert "compile mode" in runtime and "npu runtime" in doctor.format_report(doctor.collect())
+
+
+@needs_emulator
+def test_captured_graphs_share_one_pool_no_larger_than_the_eager_peak(tiny_cls):
+    policy = ShapePolicy(seq_lengths=(16, 128), batch_sizes=(1, 8))
+    model = st_npu.SentenceTransformer(tiny_cls, device="npu:0", static_shapes=policy, graphs=False)
+    resident = torch.npu.memory_allocated(0)
+    torch.npu.reset_peak_memory_stats(0)
+    model.encode(["word " * 1000] * 8, batch_size=8)  # the largest shape: (8, max_seq_length)
+    eager_peak = torch.npu.max_memory_allocated(0) - resident
+    runner = graphs.enable(model)
+    assert runner.capture(8) == len(policy.for_model(model.max_seq_length).shapes(8))
+    held = torch.npu.memory_allocated(0) - resident
+    assert eager_peak * 0.5 < held <= 1.5 * eager_peak
