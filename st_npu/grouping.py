@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from st_npu import _compat
+from st_npu.tokenizer_lock import tokenizer_lock
 
 
 class GroupedEncode:
@@ -98,8 +99,10 @@ class GroupedEncode:
         if prompt is None:
             name = options.get("prompt_name") or model.default_prompt_name
             prompt = model.prompts.get(name, "") if name else ""
-        lengths = [len(ids) for ids in model.tokenizer([prompt + text for text in texts], truncation=True,
-                                                       max_length=model.max_seq_length)["input_ids"]]
+        with tokenizer_lock(model.tokenizer):
+            encoded = model.tokenizer([prompt + text for text in texts], truncation=True,
+                                      max_length=model.max_seq_length)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
         policy = self.padder.policy.for_model(model.max_seq_length)
         groups: dict[int, list[int]] = {}
         for position, length in enumerate(lengths):

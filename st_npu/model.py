@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from st_npu.overlap import Prefetcher
 from st_npu.pipeline import build_modules, instruction_prompts
 from st_npu.pools import start_pool
 from st_npu.static_shapes import ShapePolicy, enable, padder_of, warmup
+from st_npu.tokenizer_lock import tokenizer_lock
 
 logger = logging.getLogger(__name__)
 # The prefetcher of the encode running in this thread, per model: concurrent encodes must not share one.
@@ -202,18 +202,6 @@ class SentenceTransformer(_compat.TokenLengthSorted):
     def _stock_preprocess(self, *args: Any, **kwargs: Any) -> Any:
         with tokenizer_lock(self.tokenizer):
             return super().preprocess(*args, **kwargs)
-
-
-# A fast tokenizer sets truncation on its one Rust object before each call: two threads tokenizing through it with
-# different lengths (a 256-token query, a 512-token key) cut each other's texts. One lock per tokenizer, kept
-# outside the model, which must stay picklable for multi-process pools.
-_tokenizer_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_tokenizer_locks_guard = threading.Lock()
-
-
-def tokenizer_lock(tokenizer: Any) -> threading.Lock:
-    with _tokenizer_locks_guard:
-        return _tokenizer_locks.setdefault(tokenizer, threading.Lock())
 
 
 class InvalidInputError(TypeError, ValueError):

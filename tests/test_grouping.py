@@ -62,7 +62,8 @@ def test_grouped_encode_returns_what_stock_returns(tiny_cls, options):
     for ours, inputs in ((model, inputs) for model in models for inputs in (TEXTS, TEXTS[3])):
         try:
             expected = stock.encode(inputs, batch_size=8, **options)
-        except ValueError as exc:  # e.g. int8 ranges from one embedding: the same error, then
+        except (ValueError, IndexError) as exc:  # int8 ranges from one embedding; 5.5's output_value=None on
+            # one string: stock's own failure, so ours fails alike
             with pytest.raises(type(exc)):
                 ours.encode(inputs, batch_size=8, **options)
             continue
