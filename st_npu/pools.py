@@ -164,6 +164,18 @@ class WatchedResults:
             except queue.Empty:
                 if not block or (deadline is not None and time.monotonic() >= deadline):
                     raise
+            except (EOFError, ConnectionError):
+                # torch passes a result's tensors through the sending worker's file descriptors: one that died
+                # while its result was on the way breaks the transfer. Report the death, not the broken pipe.
+                self._await_death()
+                raise
+
+    def _await_death(self) -> None:
+        """Raise ``WorkerDiedError`` once a worker is seen dead, within a few polls; return if none dies."""
+        give_up = time.monotonic() + 5 * POLL_S
+        while time.monotonic() < give_up:
+            self._check_workers()
+            time.sleep(POLL_S / 20)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._results, name)
