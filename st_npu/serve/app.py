@@ -13,7 +13,6 @@ import base64
 import contextlib
 import copy
 import json
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from st_npu import __version__
 from st_npu.serve.batcher import Batcher, Job, QueueFull
+from st_npu.tokenizer_lock import tokenizer_lock
 
 
 ROUTES = ("/v1/embeddings", "/embed", "/health", "/info", "/metrics")
@@ -217,19 +217,17 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
 class TokenCounter:
     """Tokens per text as ``encode`` will see it: prompt prepended, special tokens included, not truncated.
 
-    It uses a copy of the model's tokenizer, behind a lock: a fast tokenizer changes its own truncation and
-    padding settings on each call, and two threads calling one at once fail with "Already borrowed"; the
-    device worker's ``encode`` keeps using the original.
+    It uses a copy of the model's tokenizer, behind that copy's lock (:mod:`st_npu.tokenizer_lock`), so counting
+    never waits for the device worker's ``encode``, which keeps using the original.
     """
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.tokenizer = copy.deepcopy(model.tokenizer)
-        self.lock = threading.Lock()
 
     def __call__(self, texts: list[str], prompt_name: str | None) -> list[int]:
         prompt = self.model.prompts.get(prompt_name or self.model.default_prompt_name or "", "")
-        with self.lock:
+        with tokenizer_lock(self.tokenizer):
             encoded = self.tokenizer([prompt + text for text in texts], add_special_tokens=True, truncation=False,
                                      return_attention_mask=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
