@@ -3,21 +3,28 @@
 On Ascend, small-batch encode is bound by the host: eager torch_npu spends tens of microseconds of host time per
 operator and BERT-base launches about 900 of them per batch. With static shapes (:mod:`st_npu.static_shapes`)
 every batch has one of a few shapes, so ``capture(model, batch_size)`` records the model's forward for each shape
-into a graph (``torch.npu.NPUGraph``, or ``torch.cuda.CUDAGraph`` through the same code) with static input
-buffers, the graphs sharing one memory pool, largest first. From then on the model's ``forward`` (an instance
-attribute, so it works on stock models too) copies a batch into its shape's buffers, replays, and copies the
-outputs out, packed as one buffer, before the next replay overwrites them. Stock ``encode`` is untouched.
+into a graph (``torch.npu.NPUGraph``, or ``torch.cuda.CUDAGraph`` through the same code), the graphs sharing one
+memory pool, largest first. Each graph reads its inputs from one byte buffer (views of it, keyed like the
+features), so a whole batch arrives in one transfer.
 
-Anything else runs eagerly: shapes without a graph, forward calls with extra arguments, and every shape of a
-model whose capture failed (an operator the runtime refuses, a host sync in the transformer's code); that model
-then logs one warning saying why. Replays run the same operators on the same data, so results do not change.
+An encode that wants host rows (every bucket-grouped encode, :mod:`st_npu.grouping`) costs three launches per
+batch: the padding ``preprocess`` hands its batch to ``stage``, which copies it host-to-device into its graph's
+input buffer and returns views of that buffer (stock's move to the device then has nothing to move); the
+model's ``forward`` (an instance attribute, so this works on stock models too) replays and copies
+``sentence_embedding`` straight to the host, before any other replay can overwrite it. The graph is the staging
+thread's from the copy in until its rows are out. Only the embedding of each graph stays referenced, so the
+memory of every other output returns to the pool. Stock ``encode`` is untouched.
+
+Anything else runs eagerly: shapes without a graph, other outputs (token embeddings), direct forward calls,
+and every shape of a model whose capture failed (an operator the runtime refuses, a host sync in the
+transformer's code); that model then logs one warning saying why. Replays run the same operators on the same data, so results do not change.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +33,9 @@ import torch
 from st_npu.static_shapes import padder_of, policy_of, sample_features
 
 logger = logging.getLogger(__name__)
+
+# (key, dtype, shape) of each tensor input, largest elements first so that every view of the byte buffer is aligned.
+Layout = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -52,40 +62,73 @@ def _graph_api(device: torch.device) -> tuple[type, Any, Any]:
 @dataclass
 class _Captured:
     graph: Any
-    inputs: dict[str, torch.Tensor]  # the static input buffers, keyed like the features
-    packed: torch.Tensor  # every tensor output as bytes, in one buffer (one copy out)
-    layout: list[tuple[str, torch.dtype, torch.Size, int, int]]  # key, dtype, shape, byte start, byte end
+    layout: Layout
+    block: torch.Tensor  # every input as bytes, in one device buffer
+    inputs: dict[str, torch.Tensor]  # views of ``block``: the static inputs the graph reads
+    embedding: torch.Tensor  # the sentence_embedding the graph writes; the next replay of any graph may overwrite it
     constants: dict[str, Any]  # outputs that are not tensors
 
 
 class GraphRunner:
-    """Shadows ``model.forward``: replays a captured graph for a batch whose shape has one, else runs eagerly."""
+    """Shadows ``model.forward``: replays the graph a batch was staged into, and runs any other forward eagerly."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.failed: str | None = None
-        self.lock = threading.Lock()  # one graph's buffers serve one batch at a time
+        # One holder at a time: the graphs share one memory pool and each has one set of input buffers.
+        self.lock = threading.Lock()
+        self.staged = threading.local()  # the graph this thread holds, from ``stage`` to its forward
+
+    def stage(self, features: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        """Put a padded host batch whose rows go back to the host into its graph's input buffer, in one copy.
+
+        Called by the padding ``preprocess`` on the encoding thread, right before stock moves the batch to the
+        device; the returned features are views of the buffer, already there. Holds the graph until this
+        thread's forward has copied its rows out (or ``unstage``, should the forward never come)."""
+        captured = self.graphs.get(_shape(features))
+        if captured is None or _layout(features) != captured.layout:
+            return features
+        packed = _pack(features, captured.layout)
+        self.lock.acquire()
+        try:
+            captured.block.copy_(packed)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.staged.captured = captured
+        features.update(captured.inputs)
+        return features
+
+    def unstage(self) -> None:
+        """Release a graph this thread staged a batch into and never replayed (an error between the two)."""
+        if getattr(self.staged, "captured", None) is not None:
+            self.staged.captured = None
+            self.lock.release()
 
     def __call__(self, features: Mapping[str, Any], **kwargs: Any) -> Any:
-        captured = None if kwargs else self.graphs.get(_shape(features))
-        if captured is None or set(captured.inputs) != {k for k, v in features.items() if _is_tensor(v)}:
+        staged = getattr(self.staged, "captured", None)
+        if staged is None:
             return type(self.model).forward(self.model, features, **kwargs)
-        with self.lock:
-            for key, buffer in captured.inputs.items():
-                buffer.copy_(features[key])
-            captured.graph.replay()
-            packed = captured.packed.clone()
-        output = dict(features)
-        output.update(captured.constants)
-        for key, dtype, shape, start, end in captured.layout:
-            output[key] = packed[start:end].view(dtype).view(shape)
+        self.staged.captured = None
+        if kwargs or any(features.get(key) is not view for key, view in staged.inputs.items()):
+            self.lock.release()  # not the staged batch after all: its buffers are free again
+            return type(self.model).forward(self.model, features, **kwargs)
+        try:
+            staged.graph.replay()
+            rows = staged.embedding.to("cpu")
+        finally:
+            self.lock.release()
+        # Stock reads only sentence_embedding here; the inputs and other outputs stay in the graph's buffers.
+        return self._trimmed(features, {**staged.constants, "sentence_embedding": rows})
+
+    def _trimmed(self, features: Mapping[str, Any], output: dict[str, Any]) -> Any:
         padder = padder_of(self.model)
         return padder.trim(features, output) if padder else output
 
     def capture(self, batch_size: int) -> int:
         """Capture every static shape of ``batch_size`` (largest first, one pool); returns how many it captured."""
-        policy = policy_of(self.model)
+        padder, policy = padder_of(self.model), policy_of(self.model)
         if policy is None or self.failed:
             return 0
         device = self.model.device
@@ -103,31 +146,29 @@ class GraphRunner:
             self.failed = str(exc).splitlines()[0]
             logger.warning("Graph capture failed on %s, so this model runs eagerly (same results, more host "
                            "overhead): %s", device, self.failed)
+        padder.stager = self if self.graphs else None
         return len(self.graphs)
 
     def _capture_one(self, rows: int, tokens: int, graph_class: type, graph_context: Any, pool: Any) -> _Captured:
         features = sample_features(self.model, rows, tokens)
-        inputs = {key: value.to(self.model.device) for key, value in features.items() if _is_tensor(value)}
+        layout = _layout(features)
+        packed = _pack(features, layout)
+        block = packed.to(self.model.device)
+        inputs = _views(block, layout)
         forward = type(self.model).forward
         forward(self.model, dict(inputs))  # compile every operator before capture, as torch_npu's docs advise
         graph = graph_class()
         with graph_context(graph, pool=pool):
             output = forward(self.model, dict(inputs))
-            tensors = sorted(((key, value) for key, value in output.items() if _is_tensor(value)),
-                             key=lambda item: -item[1].element_size())  # each piece starts aligned for its dtype
-            packed = torch.cat([value.reshape(-1).view(torch.uint8) for _, value in tensors])
-        layout, start = [], 0
-        for key, value in tensors:
-            end = start + value.numel() * value.element_size()
-            layout.append((key, value.dtype, value.shape, start, end))
-            start = end
+        embedding = output.get("sentence_embedding")
+        if not _is_tensor(embedding):
+            raise RuntimeError("the model's forward returns no sentence_embedding tensor")
+        # Only the embedding stays referenced: the other outputs' memory goes back to the pool for the next capture.
         constants = {key: value for key, value in output.items() if not _is_tensor(value)}
-        captured = _Captured(graph, inputs, packed, layout, constants)
-        for key, buffer in inputs.items():  # compile the copies in and out too
-            buffer.copy_(buffer.clone())
+        block.copy_(packed)  # compile the copies in and out too
         graph.replay()
-        packed.clone()
-        return captured
+        embedding.to("cpu")
+        return _Captured(graph, layout, block, inputs, embedding, constants)
 
     def __getstate__(self) -> dict[str, Any]:  # graphs stay in their process; a pool worker runs eagerly
         return {"model": self.model, "graphs": {}, "failed": self.failed}
@@ -135,6 +176,7 @@ class GraphRunner:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.lock = threading.Lock()
+        self.staged = threading.local()
 
 
 def _is_tensor(value: Any) -> bool:
@@ -144,6 +186,26 @@ def _is_tensor(value: Any) -> bool:
 def _shape(features: Mapping[str, Any]) -> tuple[int, int] | None:
     ids = features.get("input_ids")
     return tuple(ids.shape) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+
+def _layout(features: Mapping[str, Any]) -> Layout:
+    tensors = sorted((key, value) for key, value in features.items() if _is_tensor(value))
+    tensors.sort(key=lambda item: -item[1].element_size())
+    return tuple((key, value.dtype, tuple(value.shape)) for key, value in tensors)
+
+
+def _pack(features: Mapping[str, Any], layout: Layout) -> torch.Tensor:
+    """The host tensors of ``features`` as one byte buffer, in ``layout`` order."""
+    return torch.cat([features[key].reshape(-1).view(torch.uint8) for key, _, _ in layout])
+
+
+def _views(block: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    views, start = {}, 0
+    for key, dtype, shape in layout:
+        end = start + torch.Size(shape).numel() * dtype.itemsize
+        views[key] = block[start:end].view(dtype).view(shape)
+        start = end
+    return views
 
 
 def enable(model: Any) -> GraphRunner:
@@ -157,6 +219,9 @@ def enable(model: Any) -> GraphRunner:
 def disable(model: Any) -> None:
     if runner_of(model) is not None:
         del model.__dict__["forward"]
+        padder = padder_of(model)
+        if padder is not None:
+            padder.stager = None
 
 
 def runner_of(model: Any) -> GraphRunner | None:

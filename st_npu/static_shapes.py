@@ -5,7 +5,8 @@ longest text, so a corpus brings dozens of shapes and each one stalls (FlagEmbed
 tokenized batch is padded, still on the CPU, up to a bucket length and a bucketed batch size; a forward hook
 cuts the outputs back to the real rows and tokens, so ``encode`` returns exactly what it returns without
 padding. Padding is numerically neutral: padded tokens are masked out of attention and pooling, padded rows
-are copies of a real row and are dropped.
+are copies of a real row and are dropped. Where graphs are captured (:mod:`st_npu.graphs`), a padded batch
+whose rows go back to the host is handed to the graph runner here, which copies it into its graph in one transfer.
 
 Works on any stock ``SentenceTransformer`` (``enable(model)``), through two public extension points: an
 instance attribute that wraps ``preprocess`` and a forward hook on the last module. ``disable(model)`` removes
@@ -78,6 +79,8 @@ class _PaddedPreprocess:
         self.model = model
         self.policy = policy
         self.padding = padding  # False: bucket groups and encode's tails only, each batch at its own length
+        # The graph runner (st_npu.graphs) once it holds graphs: it takes a padded batch straight to the device.
+        self.stager: Any = None
         # Per thread: encode calls in other threads have their own batch in flight, padding and options.
         self.pending = threading.local()
         # On the last module, not the model: sentence-transformers 5.x calls model.forward(), skipping its hooks.
@@ -86,7 +89,12 @@ class _PaddedPreprocess:
     def __call__(self, *args: Any, **kwargs: Any) -> MutableMapping[str, Any]:
         features = type(self.model).preprocess(self.model, *args, **kwargs)
         # Outside encode (a user's own preprocess/tokenize call) stock's shapes are what the caller gets.
-        return self.pad(features) if getattr(self.pending, "inside", 0) else features
+        if not getattr(self.pending, "inside", 0):
+            return features
+        features = self.pad(features)
+        if self.stager is not None and getattr(self.pending, "tails", None) is not None:  # host rows wanted
+            features = self.stager.stage(features)
+        return features
 
     @contextlib.contextmanager
     def inside(self) -> Iterator[None]:
@@ -96,6 +104,8 @@ class _PaddedPreprocess:
             yield
         finally:
             self.pending.inside -= 1
+            if self.stager is not None:
+                self.stager.unstage()
 
     @contextlib.contextmanager
     def tails(self, truncate_dim: int | None, normalize: bool) -> Iterator[_Tails]:
@@ -150,7 +160,8 @@ class _PaddedPreprocess:
         return output
 
     def __getstate__(self) -> dict[str, Any]:  # threading.local does not pickle (multi-process pools)
-        return {"model": self.model, "policy": self.policy, "hook": self.hook, "padding": self.padding}
+        return {"model": self.model, "policy": self.policy, "hook": self.hook, "padding": self.padding,
+                "stager": self.stager}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -79,6 +79,8 @@ class _Emulator:
     storages: dict[int, tuple[int, int]] = field(default_factory=dict)
     # device index -> the graph capture under way there (see the graphs section)
     captures: dict[int, _Capture] = field(default_factory=dict)
+    # id of each live storage a capture took from a graph pool -> (that pool, bytes)
+    pool_storages: dict[int, tuple[_GraphPool, int]] = field(default_factory=dict)
 
 
 # Re-entrant: a storage finalizer (which takes the lock) may run from garbage collection inside a locked section.
@@ -487,7 +489,9 @@ def _account(cpu: torch.Tensor, index: int) -> None:
         capture = emulator.captures.get(index)
         if capture is not None and known is None:  # served by the graph's private pool
             if key not in capture.storages:  # (views of a pool tensor come back here with its storage)
-                capture.allocate(key, nbytes, d)
+                capture.storages[key] = nbytes
+                capture.pool.allocate(nbytes, d)
+                emulator.pool_storages[key] = (capture.pool, nbytes)
                 weakref.finalize(storage, _release, key)
             return
         growth = nbytes - (known[1] if known else 0)
@@ -508,9 +512,11 @@ def _account(cpu: torch.Tensor, index: int) -> None:
 def _release(key: int) -> None:
     with _lock:
         emulator = _require()
-        if key not in emulator.storages:  # pool memory: the pool keeps it (see _Capture.allocate)
+        if key in emulator.pool_storages:  # pool memory: free for the pool's next captures, kept by the pool
+            pool, nbytes = emulator.pool_storages.pop(key)
+            pool.live -= nbytes
             for capture in emulator.captures.values():
-                capture.free(key)
+                capture.storages.pop(key, None)
             return
         index, nbytes = emulator.storages.pop(key)
         emulator.devices[index].allocated -= nbytes
@@ -570,8 +576,8 @@ def _visible_device_count(physical: int, environ: Mapping[str, str] = os.environ
 # captured buffers and counts as one launch. During capture, a host<->device copy, ``.item()`` or an operator whose
 # output shape depends on data (nonzero, masked_select, unique, ...) raises; the wording is CUDA's (PyTorch's
 # ``cudaErrorStreamCaptureUnsupported``), as torch_npu's ACL runtime text could not be checked here. Memory
-# allocated during capture comes from the graph's private pool: the pool keeps the capture's peak for as long as a
-# graph uses it, graphs sharing a pool (``pool=``) share that memory, and replays allocate nothing.
+# allocated during capture comes from the graph's private pool (see _GraphPool): graphs sharing a pool (``pool=``)
+# share the memory a capture freed, not what an earlier graph's outputs still hold; replays allocate nothing.
 # Not emulated: ``make_graphed_callables``, ``update``, capture on side streams, capture_error_mode other than
 # "global" (all modes behave as "global"), and which operators the chip could not capture (only aclnn ones can).
 
@@ -593,11 +599,25 @@ class _Slot:
 
 
 class _GraphPool:
-    """A private memory pool (``graph_pool_handle()``): holds the largest capture peak of the graphs using it."""
+    """A private memory pool (``graph_pool_handle()``), as the caching allocator keeps one: what a capture frees
+    serves later captures, what stays referenced (a graph's outputs) stays taken, and the pool holds the most it
+    ever had taken at once until it is gone."""
 
     def __init__(self) -> None:
         self.index: int | None = None
         self.reserved = [0]  # a box, read by the finalizer after the pool itself is gone
+        self.live = 0  # bytes of its storages still referenced, whichever capture made them
+
+    def allocate(self, nbytes: int, device: _Device) -> None:
+        self.live += nbytes
+        growth = self.live - self.reserved[0]
+        if growth > 0:
+            if device.allocated + growth > _total_memory():
+                raise RuntimeError(f"NPU out of memory. Tried to allocate {_format_bytes(growth)} (NPU {self.index}; "
+                                   f"graph capture; limit set by st_npu.testing.emulator)")
+            self.reserved[0] += growth
+            device.allocated += growth
+            device.peak = max(device.peak, device.allocated)
 
     def bind(self, index: int) -> None:
         if self.index is None:
@@ -620,25 +640,9 @@ class _Capture:
         self.graph, self.pool, self.index = graph, pool, index
         self.launches: list[tuple[Any, ...]] = []
         self.slots: dict[int, tuple[int, weakref.ref]] = {}  # id of a CPU tensor made here -> (slot, the tensor)
-        self.storages: dict[int, int] = {}  # pool storages made by this capture -> bytes
-        self.live = 0
+        self.storages: dict[int, int] = {}  # live pool storages made by this capture -> bytes
         self.counter = -1
         self.failed: str | None = None
-
-    def allocate(self, key: int, nbytes: int, device: _Device) -> None:
-        self.storages[key] = nbytes
-        self.live += nbytes
-        growth = self.live - self.pool.reserved[0]
-        if growth > 0:
-            if device.allocated + growth > _total_memory():
-                raise RuntimeError(f"NPU out of memory. Tried to allocate {_format_bytes(growth)} (NPU {self.index}; "
-                                   f"graph capture; limit set by st_npu.testing.emulator)")
-            self.pool.reserved[0] += growth
-            device.allocated += growth
-            device.peak = max(device.peak, device.allocated)
-
-    def free(self, key: int) -> None:
-        self.live -= self.storages.pop(key, 0)
 
     def record(self, func: Any, args: tuple, kwargs: dict, output: Any, to_cpu: Any) -> None:
         inputs = [to_cpu(x) for x in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(x, torch.Tensor)]
