@@ -92,7 +92,8 @@ class GraphRunner:
         packed = _pack(features, captured.layout)
         self.lock.acquire()
         try:
-            captured.block.copy_(packed)
+            with torch.inference_mode():  # the buffer was made in inference mode, whatever mode encode runs in
+                captured.block.copy_(packed)
         except BaseException:
             self.lock.release()
             raise

@@ -15,7 +15,9 @@ another path than on the CPU (scaled_dot_product_attention takes the math path),
 CPU to ~1e-7 rather than bit for bit. Known gaps, all from PyTorch's Python device guard (it reports one device to
 the autograd engine and ignores device switches): backward passes run on ``npu:0`` only; ``set_device`` and
 ``torch.npu.device`` steer where factory functions put a bare ``"npu"``, but ``Tensor.to("npu")`` always picks
-``npu:0``; ``Tensor.new(...)`` lands on the current device, not its tensor's.
+``npu:0``; ``Tensor.new(...)`` lands on the current device, not its tensor's. An npu tensor is never an inference
+tensor (its wrapper is made outside inference mode), so an in-place update outside inference mode of one made
+inside, which real devices refuse, passes here.
 
 Compilation model: on Ascend the first launch of an operator with a new (operator, input shapes, dtypes)
 signature compiles it. The emulator counts one compile per new signature per device (each device has its own
