@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from st_npu import static_shapes
 from st_npu.static_shapes import padder_of, policy_of, sample_features
 
 logger = logging.getLogger(__name__)
@@ -127,15 +128,18 @@ class GraphRunner:
         padder = padder_of(self.model)
         return padder.trim(features, output) if padder else output
 
-    def capture(self, batch_size: int) -> int:
-        """Capture every static shape of ``batch_size`` (largest first, one pool); returns how many it captured."""
+    def capture(self, batch_size: int, max_tokens: int | None = None) -> int:
+        """Capture every static shape of ``batch_size`` of at most ``max_tokens`` padded tokens (largest first, one
+        pool); returns how many graphs the model has."""
         padder, policy = padder_of(self.model), policy_of(self.model)
         if policy is None or self.failed:
             return 0
         device = self.model.device
         graph_class, graph_context, pool_handle = _graph_api(device)
         pool = pool_handle()
-        shapes = sorted(policy.shapes(batch_size), key=lambda shape: shape[0] * shape[1], reverse=True)
+        shapes = sorted((shape for shape in policy.shapes(batch_size)
+                         if max_tokens is None or shape[0] * shape[1] <= max_tokens),
+                        key=lambda shape: shape[0] * shape[1], reverse=True)
         device_context = torch.npu.device(device) if device.type == "npu" else torch.cuda.device(device)
         try:
             with device_context, torch.inference_mode():
@@ -159,7 +163,8 @@ class GraphRunner:
         forward = type(self.model).forward
         forward(self.model, dict(inputs))  # compile every operator before capture, as torch_npu's docs advise
         graph = graph_class()
-        with graph_context(graph, pool=pool):
+        # thread_local: a server's other device threads keep allocating while this one captures.
+        with graph_context(graph, pool=pool, capture_error_mode="thread_local"):
             output = forward(self.model, dict(inputs))
         embedding = output.get("sentence_embedding")
         if not _is_tensor(embedding):
@@ -207,6 +212,16 @@ def _views(block: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         views[key] = block[start:end].view(dtype).view(shape)
         start = end
     return views
+
+
+def warmup(model: Any, batch_size: int = 32, max_tokens: int | None = None, show_progress_bar: bool = True) -> int:
+    """Compile every static shape (:func:`st_npu.static_shapes.warmup`, same arguments), then capture each one's
+    graph where graph mode is on; returns how many shapes ran."""
+    shapes = static_shapes.warmup(model, batch_size, max_tokens=max_tokens, show_progress_bar=show_progress_bar)
+    runner = runner_of(model)
+    if runner is not None:
+        runner.capture(batch_size, max_tokens=max_tokens)
+    return shapes
 
 
 def enable(model: Any) -> GraphRunner:

@@ -22,7 +22,7 @@ from st_npu.outputs import atomic_folder
 from st_npu.overlap import Prefetcher
 from st_npu.pipeline import build_modules, instruction_prompts
 from st_npu.pools import start_pool
-from st_npu.static_shapes import ShapePolicy, enable, padder_of, warmup
+from st_npu.static_shapes import ShapePolicy, enable, padder_of
 from st_npu.tokenizer_lock import tokenizer_lock
 
 logger = logging.getLogger(__name__)
@@ -108,19 +108,16 @@ class SentenceTransformer(_compat.TokenLengthSorted):
             attention.enable(self)
         _enable_graphs(self, graphs, bool(static_shapes))
 
-    def warmup(self, batch_size: int = 32, show_progress_bar: bool = True) -> int:
+    def warmup(self, batch_size: int = 32, show_progress_bar: bool = True, max_tokens: int | None = None) -> int:
         """Compile every static shape an encode with ``batch_size`` can meet, now, and capture each one's graph
-        where graph mode is on; returns how many shapes ran.
+        where graph mode is on; returns how many shapes ran. ``max_tokens`` skips shapes of more padded tokens
+        (rows x length) than that, for callers that never form such batches.
 
         On Ascend each shape compiles its operators once: BERT-base at batch 32 has 36 shapes, minutes in all
         the first time (seconds once CANN's operator cache holds them). A progress bar counts the shapes and a
         summary line gives the time.
         """
-        shapes = warmup(self, batch_size, show_progress_bar=show_progress_bar)
-        runner = graphs.runner_of(self)
-        if runner is not None:
-            runner.capture(batch_size)
-        return shapes
+        return graphs.warmup(self, batch_size, max_tokens=max_tokens, show_progress_bar=show_progress_bar)
 
     def forward(self, input: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Stock forward; on a device out-of-memory error the batch is split in two and retried, in order."""

@@ -226,17 +226,14 @@ def _finish(model: Any, options: PatchOptions) -> None:
     static_shapes.enable(model)
     if model.device.type == "npu":
         attention.enable(model)
-    runner = None
     if options.graphs is not False:
         reason = graphs.unavailable_reason(model.device)
         if reason is None:
-            runner = graphs.enable(model)
+            graphs.enable(model)
         elif options.graphs:
             raise ValueError(f"st_npu.patch(graphs=True): {reason}")
     if options.warmup:
-        static_shapes.warmup(model)
-        if runner is not None:
-            runner.capture(32)
+        graphs.warmup(model)
 
 
 # --- multi-process pools -------------------------------------------------------------------------------------

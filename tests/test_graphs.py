@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -45,6 +46,29 @@ def test_capture_records_launches_without_computing_and_replay_runs_them():
     graph.replay()
     assert emulator.stats()["per_device"][0]["launches"] == 1 and emulator.stats()["replays"] == 1
     assert torch.equal(y.cpu(), torch.full((2, 3), 4.0))
+
+
+@needs_emulator
+def test_capture_records_only_its_own_thread_and_each_thread_has_its_current_device():
+    x = torch.ones(4, device="npu:2")
+    seen = {}
+
+    def other_thread():
+        seen["device"] = torch.npu.current_device()  # a new thread starts on npu:0, as in torch_npu
+        seen["capturing"] = torch.npu.is_current_stream_capturing()
+        seen["sum"] = (x + 1).sum().item()  # a host sync, refused only in the capturing thread
+
+    graph = torch.npu.NPUGraph()
+    with torch.npu.device(2), torch.npu.graph(graph, capture_error_mode="thread_local"):
+        y = x * 3
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert seen == {"device": 0, "capturing": False, "sum": 8.0}
+    emulator.reset_stats()
+    graph.replay()
+    assert emulator.stats()["per_device"][2]["launches"] == 1  # the other thread's work was not recorded
+    assert torch.equal(y.cpu(), torch.full((4,), 3.0))
 
 
 @needs_emulator

@@ -166,7 +166,8 @@ def recorded_static_shapes(monkeypatch) -> list[tuple[str, object]]:
     """``st_npu.static_shapes`` recording what the patch asks of it (a full warm-up is slow on the emulator)."""
     calls: list[tuple[str, object]] = []
     monkeypatch.setattr(static_shapes, "enable", lambda model, policy=None: calls.append(("enable", model)))
-    monkeypatch.setattr(static_shapes, "warmup", lambda model, batch_size=32: calls.append(("warmup", model)) or 0)
+    monkeypatch.setattr(static_shapes, "warmup",
+                        lambda model, batch_size=32, **options: calls.append(("warmup", model)) or 0)
     return calls
 
 

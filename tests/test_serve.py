@@ -234,6 +234,8 @@ def test_two_emulated_npus_batch_concurrent_clients_without_new_compilations(tin
         assert 503 in server.health_statuses  # not ready while the static shapes compiled
         assert server.http.get("/info").json()["devices"] == ["npu:0", "npu:1"]
         compiles = server.metric("st_npu_emulated_npu_compiles_total")
+        launches = server.metric("st_npu_emulated_npu_launches_total")
+        replays = server.metric("st_npu_emulated_npu_graph_replays_total")
         requests = [[f"question {index}", "a longer document " * (index % 5 + 1)] for index in range(24)]
         client = openai_client(server)
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -242,6 +244,9 @@ def test_two_emulated_npus_batch_concurrent_clients_without_new_compilations(tin
             vectors = np.array([item.embedding for item in response.data])
             np.testing.assert_allclose(vectors, reference.encode(texts), atol=1e-6, rtol=0)
         assert server.metric("st_npu_emulated_npu_compiles_total") == compiles  # warm-up compiled every shape
+        # warm-up captured every shape under the token budget: each batch is a copy in, a replay, a copy out
+        replayed = server.metric("st_npu_emulated_npu_graph_replays_total") - replays
+        assert replayed >= 1 and server.metric("st_npu_emulated_npu_launches_total") - launches == 3 * replayed
         batches = server.metric("st_npu_batch_requests_count")
         assert batches < len(requests)  # requests were gathered into shared batches
         for device in ("npu:0", "npu:1"):

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from st_npu.static_shapes import ShapePolicy, policy_of, warmup
+from st_npu import graphs
+from st_npu.static_shapes import ShapePolicy, policy_of
 
 
 class QueueFull(Exception):
@@ -137,8 +138,8 @@ class Batcher:
             self._run(model, batch)
 
     def _warmup(self, model: Any) -> None:
-        if self.static_shapes:  # every bucket shape a batch under the budget can take, compiled now
-            warmup(model, self.max_batch_size, max_tokens=self.max_batch_tokens)
+        if self.static_shapes:  # every bucket shape a batch under the budget can take, compiled and captured now
+            graphs.warmup(model, self.max_batch_size, max_tokens=self.max_batch_tokens)
         else:
             model.encode(["warm-up"], show_progress_bar=False)
 

@@ -64,8 +64,13 @@ class _EmulatorCollector:
                                   labels=["device"])
         compiles = CounterMetricFamily("st_npu_emulated_npu_compiles", "Operator compilations on the emulated npu",
                                        labels=["device"])
+        launches = CounterMetricFamily("st_npu_emulated_npu_launches", "Work put on the emulated npu: kernels, "
+                                       "transfers, graph replays (one each)", labels=["device"])
+        replays = CounterMetricFamily("st_npu_emulated_npu_graph_replays", "Captured graphs replayed on the emulated "
+                                      "npu", labels=["device"])
         for index in self.indices:
             ops.add_metric([f"npu:{index}"], per_device[index]["ops"])
             compiles.add_metric([f"npu:{index}"], per_device[index]["compiles"])
-        yield ops
-        yield compiles
+            launches.add_metric([f"npu:{index}"], per_device[index]["launches"])
+            replays.add_metric([f"npu:{index}"], per_device[index]["replays"])
+        yield from (ops, compiles, launches, replays)

@@ -3,7 +3,7 @@
 ``install(devices=8)`` renames PyTorch's PrivateUse1 backend to ``npu``, registers a ``torch.npu`` module and a
 fake ``torch_npu`` module (``__emulated__ = True``), and runs every operator on an ``npu:N`` tensor by running the
 same operator on the CPU data the tensor wraps, so each operator's result is identical to the CPU's. Memory is
-counted per device as the bytes of live storages created there; the current device is process-wide.
+counted per device as the bytes of live storages created there; the current device is per thread, as in torch_npu.
 
 What it proves: device plumbing (tensors land on, stay on and move between the right ``npu:N``; mixing devices in
 one operator raises, as on a real accelerator), shapes and dtypes, host<->device transfers, how many operators a
@@ -76,13 +76,22 @@ class _Emulator:
     chip: str
     compile_delay_s: float
     memory_limit: int | None
-    current: int = 0
     # id of each live storage created on a device -> (device index, bytes)
     storages: dict[int, tuple[int, int]] = field(default_factory=dict)
     # device index -> the graph capture under way there (see the graphs section)
     captures: dict[int, _Capture] = field(default_factory=dict)
     # id of each live storage a capture took from a graph pool -> (that pool, bytes)
     pool_storages: dict[int, tuple[_GraphPool, int]] = field(default_factory=dict)
+    per_thread: threading.local = field(default_factory=threading.local)
+
+    @property
+    def current(self) -> int:
+        """The current device: per thread, as in torch_npu (a new thread starts on npu:0)."""
+        return getattr(self.per_thread, "index", 0)
+
+    @current.setter
+    def current(self, index: int) -> None:
+        self.per_thread.index = index
 
 
 # Re-entrant: a storage finalizer (which takes the lock) may run from garbage collection inside a locked section.
@@ -488,7 +497,7 @@ def _account(cpu: torch.Tensor, index: int) -> None:
         emulator = _require()
         d = emulator.devices[index]
         known = emulator.storages.get(key)
-        capture = emulator.captures.get(index)
+        capture = _capture_on(index)
         if capture is not None and known is None:  # served by the graph's private pool
             if key not in capture.storages:  # (views of a pool tensor come back here with its storage)
                 capture.storages[key] = nbytes
@@ -573,15 +582,17 @@ def _visible_device_count(physical: int, environ: Mapping[str, str] = os.environ
 #
 # Mirrors torch_npu/npu/graphs.py (torch.npu.NPUGraph, torch.npu.graph, graph_pool_handle,
 # is_current_stream_capturing), which has CUDA graphs' shape. Capture on the current device records each operator
-# launch and computes nothing the caller may rely on: when capture ends, every tensor it produced holds garbage
+# launch of the capturing thread (other threads' work goes to their own streams and runs as usual) and computes
+# nothing the caller may rely on: when capture ends, every tensor it produced holds garbage
 # (NaN, or -1 for integers) until the first replay, as on hardware. A replay re-runs the recorded launches on the
 # captured buffers and counts as one launch. During capture, a host<->device copy, ``.item()`` or an operator whose
 # output shape depends on data (nonzero, masked_select, unique, ...) raises; the wording is CUDA's (PyTorch's
 # ``cudaErrorStreamCaptureUnsupported``), as torch_npu's ACL runtime text could not be checked here. Memory
 # allocated during capture comes from the graph's private pool (see _GraphPool): graphs sharing a pool (``pool=``)
 # share the memory a capture freed, not what an earlier graph's outputs still hold; replays allocate nothing.
-# Not emulated: ``make_graphed_callables``, ``update``, capture on side streams, capture_error_mode other than
-# "global" (all modes behave as "global"), and which operators the chip could not capture (only aclnn ones can).
+# Not emulated: ``make_graphed_callables``, ``update``, capture on side streams, the errors "global"
+# capture_error_mode raises for other threads' unsafe calls (every mode behaves as "thread_local"), and which
+# operators the chip could not capture (only aclnn ones can).
 
 _DATA_DEPENDENT_OPS = frozenset({
     "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive",
@@ -640,6 +651,7 @@ class _Capture:
 
     def __init__(self, graph: NPUGraph, pool: _GraphPool, index: int) -> None:
         self.graph, self.pool, self.index = graph, pool, index
+        self.thread = threading.get_ident()
         self.launches: list[tuple[Any, ...]] = []
         self.slots: dict[int, tuple[int, weakref.ref]] = {}  # id of a CPU tensor made here -> (slot, the tensor)
         self.storages: dict[int, int] = {}  # live pool storages made by this capture -> bytes
@@ -677,7 +689,9 @@ class _Capture:
 
 
 def _capture_on(index: int | None) -> _Capture | None:
-    return None if index is None or _emulator is None else _emulator.captures.get(index)
+    """The capture recording this thread's work on npu:``index``: another thread's work goes to its own stream."""
+    capture = None if index is None or _emulator is None else _emulator.captures.get(index)
+    return capture if capture is not None and capture.thread == threading.get_ident() else None
 
 
 def _note_sdpa(name: str, args: tuple, kwargs: dict) -> None:
@@ -699,6 +713,7 @@ class NPUGraph:
 
     def __init__(self) -> None:
         self._launches: list[tuple[Any, ...]] | None = None
+        self._done_after: list[list[int]] = []  # per launch: the values no later launch reads
         self._pool: _GraphPool | None = None
         self._index: int | None = None
 
@@ -726,6 +741,7 @@ class NPUGraph:
                                f"({capture.failed})")
         capture.garbage()
         self._launches = capture.launches
+        self._done_after = _last_reads(capture.launches)
 
     def replay(self) -> None:
         if self._launches is None:
@@ -736,7 +752,7 @@ class NPUGraph:
             return values[x.number] if isinstance(x, _Slot) else x
 
         with torch.inference_mode():
-            for func, args, kwargs, outputs in self._launches:
+            for position, (func, args, kwargs, outputs) in enumerate(self._launches):
                 result = func(*pytree.tree_map(fill, args), **pytree.tree_map(fill, kwargs))
                 for leaf, out in zip(pytree.tree_leaves(result), outputs):
                     if out is None:
@@ -745,6 +761,8 @@ class NPUGraph:
                     captured = out[1]()
                     if captured is not None and captured is not leaf and captured.data_ptr() != leaf.data_ptr():
                         captured.copy_(leaf)  # a buffer someone holds (the graph's outputs) gets the new data
+                for number in self._done_after[position]:  # host memory: BERT-base's activations would not fit
+                    values.pop(number, None)
         with _lock:
             d = _require().devices[self._index]
             d.launches += 1
@@ -752,12 +770,29 @@ class NPUGraph:
 
     def reset(self) -> None:
         self._launches = None
+        self._done_after = []
         self._pool = None
 
     def pool(self) -> _GraphPool:
         if self._pool is None:
             raise RuntimeError("pool() needs a captured graph")
         return self._pool
+
+
+def _last_reads(launches: list[tuple[Any, ...]]) -> list[list[int]]:
+    """For each launch, the slots no later launch reads: a replay can drop them once it has run."""
+    last: dict[int, int] = {}
+    for position, (_, args, kwargs, outputs) in enumerate(launches):
+        for out in outputs:
+            if out is not None:
+                last[out[0]] = position
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, _Slot):
+                last[leaf.number] = position
+    done_after: list[list[int]] = [[] for _ in launches]
+    for number, position in last.items():
+        done_after[position].append(number)
+    return done_after
 
 
 class _GraphContext:
@@ -785,7 +820,7 @@ def _graph_pool_handle() -> _GraphPool:
 
 
 def _is_current_stream_capturing() -> bool:
-    return _emulator is not None and _emulator.current in _emulator.captures
+    return _emulator is not None and _capture_on(_emulator.current) is not None
 
 
 _TorchNpu.NPUGraph = NPUGraph
