@@ -238,15 +238,28 @@ def dtype_of(model: Any) -> torch.dtype:
 
 
 def warm_up_st_npu(model: Any, batch_size: int) -> dict[str, Any] | None:
-    """``model.warmup`` where static shapes are on (else there is nothing to pre-compile): shapes and seconds."""
-    from st_npu.static_shapes import policy_of
+    """st_npu's warm-up where static shapes are on (else there is nothing to pre-compile): shapes and seconds; on
+    an accelerator also the peak memory of its eager encodes (every shape, the largest included) and, with graph
+    mode, how many graphs it captured and the device memory they hold."""
+    from st_npu import graphs, static_shapes
 
-    if policy_of(model) is None:
+    if static_shapes.policy_of(model) is None:
         return None
+    meter = memory_meter(model.device) if model.device.type != "cpu" else None
     start = time.perf_counter()
-    shapes = model.warmup(batch_size, show_progress_bar=False)  # the bench reports its time itself
+    if meter is not None:
+        meter.start()
+    shapes = static_shapes.warmup(model, batch_size, show_progress_bar=False)  # the bench reports its time itself
+    eager_peak = meter.stop() if meter is not None else None
+    runner, graphs_held = graphs.runner_of(model), None
+    if runner is not None:  # model.warmup's second step, measured on its own
+        before = meter.allocated() if meter is not None else None
+        runner.capture(batch_size)
+        graphs_held = meter.allocated() - before if meter is not None else None
     synchronize(model.device)
-    return {"batch_size": batch_size, "shapes": shapes, "seconds": time.perf_counter() - start}
+    return {"batch_size": batch_size, "shapes": shapes, "seconds": time.perf_counter() - start,
+            "eager_peak_bytes": eager_peak, "graphs": len(runner.graphs) if runner else 0,
+            "graphs_bytes": graphs_held}
 
 
 def warm_up(models: dict[str, Any], workload: Workload, batch_sizes: list[int]) -> dict[str, Any] | None:

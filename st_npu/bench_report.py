@@ -47,6 +47,10 @@ def format_report(report: dict[str, Any]) -> str:
     warmed = (f"st_npu compiled {warmup['shapes']} static shapes for batch {warmup['batch_size']} in "
               f"{warmup['seconds']:.1f} s (not in the times)" if warmup else
               "one untimed batch per model and batch size (st_npu static shapes are off here)")
+    if warmup and warmup.get("graphs_bytes") is not None and warmup["eager_peak_bytes"]:
+        held, eager = warmup["graphs_bytes"], warmup["eager_peak_bytes"]
+        warmed += (f"\n              captured {warmup['graphs']} graphs holding {held / 2**20:,.1f} MiB, "
+                   f"{held / eager:.2f}x the peak of its eager encodes ({eager / 2**20:,.1f} MiB)")
     lines = [
         f"st-npu bench: {report['model_name']} ({report['model']}) on {report['device']}"
         + (emulated if report["emulated"] else ""),

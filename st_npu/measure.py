@@ -127,6 +127,9 @@ class DevicePeakMemory:
     def stop(self) -> int:
         return self.module.max_memory_allocated(self.index) - self.baseline
 
+    def allocated(self) -> int:
+        return self.module.memory_allocated(self.index)
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm", "rb") as statm:

@@ -90,12 +90,14 @@ def test_emulated_npu_st_npu_compiles_nothing_after_warmup(tiny_cls, tmp_path):
                           "--limit", 40, "--json", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert code == 0 and report["emulated"] and report["device"] == "npu:1"
-    assert report["warmup"]["shapes"] > 0
+    warmup = report["warmup"]
+    assert warmup["shapes"] > 0 and warmup["graphs"] == warmup["shapes"]
+    assert 0 < warmup["graphs_bytes"] <= 1.5 * warmup["eager_peak_bytes"]
     rows = rows_of(report)
     for size in (4, 8):
-        assert rows[size, "st_npu"]["compiles"] == 0
+        assert rows[size, "st_npu"]["compiles"] == 0 and rows[size, "st_npu"]["launches_per_batch"] == 3
         assert rows[size, "stock"]["compiles"] > 0
-    assert "emulated" in out
+    assert "emulated" in out and f"captured {warmup['graphs']} graphs holding" in out
 
 
 def test_a_wrong_st_npu_fails_the_run(tiny_cls, monkeypatch):
