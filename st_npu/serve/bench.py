@@ -4,8 +4,8 @@ Both servers are ``st-npu serve`` subprocesses on 127.0.0.1 (the baseline with `
 ``encode`` per request, one request at a time, the way a small web app around ``encode`` runs). For each client
 count, ``c`` clients each send one short text per request to ``/v1/embeddings``, back to back, for ``--duration``
 seconds or ``--max-requests`` requests, first to the baseline and then to the batching server. Figures: requests
-per second, p50 and p99 latency (as the client sees it), errors; on the emulated npu, the operator launches and
-compilations per request after warm-up, from the servers' ``/metrics``.
+per second, p50 and p99 latency (as the client sees it), errors; on the emulated npu, the device launches
+(kernels, transfers, graph replays) and compilations per request after warm-up, from the servers' ``/metrics``.
 
 The clients run in this process, on the same CPU as the servers: on a small machine they take a share of it
 from both servers alike, so compare the two servers' figures side by side, not with other machines'.
@@ -118,8 +118,8 @@ class _Server:
         raise RuntimeError(f"the server was not ready within {START_TIMEOUT_S} s")
 
     def device_counts(self) -> dict[str, float]:
-        """Emulated-npu operator launches and compilations so far (empty on other devices)."""
-        counts = {"ops": 0.0, "compiles": 0.0}
+        """Emulated-npu launches (kernels, transfers, graph replays) and compilations so far (empty elsewhere)."""
+        counts = {"launches": 0.0, "compiles": 0.0}
         found = False
         for line in self.get("/metrics").splitlines():
             for key in counts:
@@ -136,7 +136,7 @@ class _Server:
                   "requests_per_s": len(latencies) / elapsed,
                   "p50_ms": _ms(percentile(latencies, 50)), "p99_ms": _ms(percentile(latencies, 99))}
         if before and latencies:
-            result["ops_per_request"] = (after["ops"] - before["ops"]) / len(latencies)
+            result["launches_per_request"] = (after["launches"] - before["launches"]) / len(latencies)
             result["compiles"] = after["compiles"] - before["compiles"]
         return result
 
@@ -187,11 +187,11 @@ def _row(result: dict[str, Any]) -> str:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """A Markdown table: per client count, both servers' figures and the batching server's ratios."""
-    emulated = any("ops_per_request" in result for result in results)
+    emulated = any("launches_per_request" in result for result in results)
     header = "| clients | one-at-a-time req/s | batching req/s | speed | p50 ms (1-at-a-time / batching) " \
              "| p99 ms (1-at-a-time / batching) |"
     if emulated:
-        header += " ops per request (1-at-a-time / batching) | compilations after warm-up |"
+        header += " launches per request (1-at-a-time / batching) | compilations after warm-up |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     by_count: dict[int, dict[str, dict[str, Any]]] = {}
     for result in results:
@@ -202,7 +202,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         line = (f"| {count} | {base['requests_per_s']:.1f} | {batched['requests_per_s']:.1f} | {speed:.2f}x "
                 f"| {base['p50_ms']:.1f} / {batched['p50_ms']:.1f} | {base['p99_ms']:.1f} / {batched['p99_ms']:.1f} |")
         if emulated:
-            line += (f" {base.get('ops_per_request', 0):.0f} / {batched.get('ops_per_request', 0):.0f} "
+            line += (f" {base.get('launches_per_request', 0):.1f} / {batched.get('launches_per_request', 0):.1f} "
                      f"| {base.get('compiles', 0):.0f} / {batched.get('compiles', 0):.0f} |")
         lines.append(line)
     return "\n".join(lines)
