@@ -113,10 +113,10 @@ class GraphRunner:
         if staged is None:
             return type(self.model).forward(self.model, features, **kwargs)
         self.staged.captured = None
-        if kwargs or any(features.get(key) is not view for key, view in staged.inputs.items()):
-            self.lock.release()  # not the staged batch after all: its buffers are free again
-            return type(self.model).forward(self.model, features, **kwargs)
         try:
+            if kwargs or any(features.get(key) is not view for key, view in staged.inputs.items()):
+                # Not the staged batch as staged (a hook changed it): eager, still holding the buffers it may read.
+                return type(self.model).forward(self.model, features, **kwargs)
             staged.graph.replay()
             rows = staged.embedding.to("cpu")
         finally:

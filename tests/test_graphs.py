@@ -20,7 +20,7 @@ from conftest import needs_emulator
 
 import st_npu
 from st_npu import attention, graphs
-from st_npu.static_shapes import ShapePolicy, padder_of
+from st_npu.static_shapes import ShapePolicy, padder_of, sample_features
 from st_npu.testing import emulator
 from st_npu.workloads import mixed_corpus, seed_sentences
 
@@ -259,3 +259,19 @@ def test_an_error_between_staging_and_replay_releases_the_graph(tiny_cls):
     with ThreadPoolExecutor(max_workers=1) as pool:  # a graph still held would block this encode for good
         again = pool.submit(model.encode, TEXTS, batch_size=8).result(timeout=60)
     assert np.array_equal(again, expected)
+
+
+@needs_emulator
+def test_a_staged_batch_changed_before_its_forward_runs_eagerly_and_frees_the_graph(tiny_cls):
+    model = _model(tiny_cls, "npu:5")
+    host = sample_features(model, 8, 16)
+    expected = type(model).forward(model, {key: value.to("npu:5") for key, value in host.items()
+                                           if isinstance(value, torch.Tensor)})["sentence_embedding"].cpu()
+    features = graphs.runner_of(model).stage(host)
+    changed = {**features, "input_ids": features["input_ids"].clone()}  # as a forward pre-hook might
+    emulator.reset_stats()
+    rows = model.forward(changed)["sentence_embedding"]
+    assert emulator.stats()["per_device"][5]["replays"] == 0 and torch.allclose(rows.cpu(), expected, atol=1e-6)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the graph was released: this encode replays
+        pool.submit(model.encode, TEXTS, batch_size=8).result(timeout=60)
+    assert emulator.stats()["per_device"][5]["replays"] >= 1
