@@ -261,7 +261,8 @@ def test_a_worker_killed_mid_job_has_its_shard_redone(tiny_cls, corpus_2k, tmp_p
     assert not job.is_alive() and results, "the job did not finish after losing a worker"
     assert results["shards"] == 20 and _finished_shards(out) == 20
     assert "the worker on npu:1 died (killed by SIGKILL); its shard" in capfd.readouterr().err
-    assert set(results["devices"]) == {"npu:0", "npu:1"}
+    # npu:0 finished the job; whether npu:1 had completed a shard before it died is a matter of timing.
+    assert "npu:0" in results["devices"] and sum(d["shards"] for d in results["devices"].values()) == 20
     ids, vectors, _ = read_output(out)
     assert ids == list(range(2000))  # the dead worker's shard was redone once, nothing written twice
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
