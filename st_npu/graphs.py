@@ -11,8 +11,9 @@ An encode that wants host rows (every bucket-grouped encode, :mod:`st_npu.groupi
 batch: the padding ``preprocess`` hands its batch to ``stage``, which copies it host-to-device into its graph's
 input buffer and returns views of that buffer (stock's move to the device then has nothing to move); the
 model's ``forward`` (an instance attribute, so this works on stock models too) replays and copies
-``sentence_embedding`` straight to the host, before any other replay can overwrite it. The graph is the staging
-thread's from the copy in until its rows are out. Only the embedding of each graph stays referenced, so the
+``sentence_embedding`` straight to the host, before any other replay can overwrite it (encode's
+``normalize_embeddings`` and ``truncate_dim`` then run on those host rows: no device launch). The graph is the
+staging thread's from the copy in until its rows are out. Only the embedding of each graph stays referenced, so the
 memory of every other output returns to the pool. Stock ``encode`` is untouched.
 
 Anything else runs eagerly: shapes without a graph, other outputs (token embeddings), direct forward calls,
