@@ -13,12 +13,13 @@ input buffer and returns views of that buffer (stock's move to the device then h
 model's ``forward`` (an instance attribute, so this works on stock models too) replays and copies
 ``sentence_embedding`` straight to the host, before any other replay can overwrite it (encode's
 ``normalize_embeddings`` and ``truncate_dim`` then run on those host rows: no device launch). The graph is the
-staging thread's from the copy in until its rows are out. Only the embedding of each graph stays referenced, so the
-memory of every other output returns to the pool. Stock ``encode`` is untouched.
+staging thread's from the copy in until its rows are out. Only the embedding of each graph stays referenced, so
+the memory of every other output returns to the pool. Stock ``encode`` is untouched.
 
 Anything else runs eagerly: shapes without a graph, other outputs (token embeddings), direct forward calls,
 and every shape of a model whose capture failed (an operator the runtime refuses, a host sync in the
-transformer's code); that model then logs one warning saying why. Replays run the same operators on the same data, so results do not change.
+transformer's code); that model then logs one warning saying why. Replays run the same operators on the same
+data, so results do not change.
 """
 
 from __future__ import annotations
@@ -123,11 +124,8 @@ class GraphRunner:
         finally:
             self.lock.release()
         # Stock reads only sentence_embedding here; the inputs and other outputs stay in the graph's buffers.
-        return self._trimmed(features, {**staged.constants, "sentence_embedding": rows})
-
-    def _trimmed(self, features: Mapping[str, Any], output: dict[str, Any]) -> Any:
-        padder = padder_of(self.model)
-        return padder.trim(features, output) if padder else output
+        # Only the padder stages, so it is there to cut the padded rows off.
+        return padder_of(self.model).trim(features, {**staged.constants, "sentence_embedding": rows})
 
     def capture(self, batch_size: int, max_tokens: int | None = None) -> int:
         """Capture every static shape of ``batch_size`` of at most ``max_tokens`` padded tokens (largest first, one
