@@ -2,7 +2,8 @@
 
 ``from st_npu import SentenceTransformer`` is a drop-in subclass of ``sentence_transformers.SentenceTransformer``
 that builds the model from its folder's own files and runs it on ``npu:N``. Set ``ST_NPU_EMULATE=<n>`` to get
-an emulated n-device ``npu`` backed by the CPU (for tests and CI; see ``st_npu.testing.emulator``).
+an emulated n-device ``npu`` backed by the CPU (for tests and CI; see ``st_npu.emulator``): torch loads it
+through its backend autoload, as it loads torch_npu; importing this package installs nothing.
 
 The public names are imported on first use: where torch_npu is installed but CANN is not sourced,
 ``import torch`` itself fails, and ``st-npu info`` must still be able to import this package to say so.
@@ -11,30 +12,23 @@ The public names are imported on first use: where torch_npu is installed but CAN
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 __version__ = "0.1.0"
 _PUBLIC = {
     "SentenceTransformer": "st_npu.model",
     "LLMEmbedder": "st_npu.llm_embedder",
-    "ShapePolicy": "st_npu.static_shapes",
+    "ShapePolicy": "st_npu.engine.static_shapes",
     "patch": "st_npu.patching",
     "unpatch": "st_npu.patching",
     "embed_corpus": "st_npu.corpus",
 }
 __all__ = [*_PUBLIC, "__version__"]
 
-if os.environ.get("ST_NPU_EMULATE"):  # spawned workers and subprocesses inherit the emulated device this way
-    from st_npu.testing.emulator import install_from_env
-
-    install_from_env()
-
-
 def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:
         raise AttributeError(f"module 'st_npu' has no attribute {name!r}")
-    from st_npu.hints import explain_torch_npu_failure, is_torch_npu_failure
+    from st_npu.runtime.hints import explain_torch_npu_failure, is_torch_npu_failure
 
     try:
         module = importlib.import_module(_PUBLIC[name])

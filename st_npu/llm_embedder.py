@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from st_npu.folder import DEFAULT_MODEL
+from st_npu.loading.folder import DEFAULT_MODEL
 from st_npu.model import SentenceTransformer
 
 

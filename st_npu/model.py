@@ -15,15 +15,17 @@ from typing import Any
 
 import torch
 
-from st_npu import _compat, attention, graphs
-from st_npu.devices import check_dtype_supported, resolve_device, resolve_dtype
-from st_npu.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
-from st_npu.outputs import atomic_folder
-from st_npu.overlap import Prefetcher
-from st_npu.pipeline import build_modules, instruction_prompts
-from st_npu.pools import start_pool
-from st_npu.static_shapes import ShapePolicy, enable, padder_of
-from st_npu.tokenizer_lock import tokenizer_lock
+from st_npu import _compat
+
+from st_npu.engine import attention, graphs
+from st_npu.runtime.devices import check_dtype_supported, resolve_device, resolve_dtype
+from st_npu.loading.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
+from st_npu.files.outputs import atomic_folder
+from st_npu.engine.overlap import Prefetcher
+from st_npu.loading.pipeline import build_modules, instruction_prompts
+from st_npu.runtime.pools import start_pool
+from st_npu.engine.static_shapes import ShapePolicy, enable, padder_of
+from st_npu.engine.tokenizer_lock import tokenizer_lock
 
 logger = logging.getLogger(__name__)
 # The prefetcher of the encode running in this thread, per model: concurrent encodes must not share one.
@@ -45,13 +47,13 @@ class SentenceTransformer(_compat.TokenLengthSorted):
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``, as names or torch dtypes.
         spec: the name of a known-model spec (``configs/models``) for a folder whose name does not say which
             model it holds; needed only when the folder lacks ``modules.json``.
-        static_shapes: pad batches to a few bucket shapes (see :mod:`st_npu.static_shapes`); ``None`` turns
+        static_shapes: pad batches to a few bucket shapes (see :mod:`st_npu.engine.static_shapes`); ``None`` turns
             them on for NPUs only, ``True``/``False`` force it, a ``ShapePolicy`` sets the buckets. Either way
-            one encode call runs its texts in sequence-bucket groups (:mod:`st_npu.grouping`).
-        overlap: tokenize the next batches on a CPU thread while the device computes (:mod:`st_npu.overlap`);
+            one encode call runs its texts in sequence-bucket groups (:mod:`st_npu.engine.grouping`).
+        overlap: tokenize the next batches on a CPU thread while the device computes (:mod:`st_npu.engine.overlap`);
             ``None`` turns it on for accelerators, off on the CPU, where the thread would compete for cores.
         graphs: capture each static shape's forward as a device graph in ``warmup()`` and replay it
-            (:mod:`st_npu.graphs`); ``None`` turns it on where static shapes are on and the device can capture
+            (:mod:`st_npu.engine.graphs`); ``None`` turns it on where static shapes are on and the device can capture
             (NPU with ``torch.npu.NPUGraph``, not 910A; CUDA), ``True`` insists (an error says why it cannot).
         **stock_kwargs: any other argument of stock ``SentenceTransformer`` (prompts, model_kwargs, ...).
     """

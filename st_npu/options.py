@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from st_npu.folder import DEFAULT_MODEL  # folder.py imports no torch, as the command modules must not
+from st_npu.loading.folder import DEFAULT_MODEL  # folder.py imports no torch, as the command modules must not
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

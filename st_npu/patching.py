@@ -11,7 +11,7 @@ What the patch changes (``PatchHandle.changes``), and how each is restored:
   With no device and no ``device_map`` it picks ``npu:{LOCAL_RANK or 0}`` when an NPU is usable; ``"npu"``,
   ``"npu:N"`` and ``torch.device("npu", N)`` are resolved by st_npu, which loads torch_npu and checks the index.
   After stock's constructor it casts to the patch's dtype and turns on static shapes (and warm-up) from
-  ``st_npu.static_shapes``, bool attention masks (``st_npu.attention``) and graph mode (``st_npu.graphs``,
+  ``st_npu.engine.static_shapes``, bool attention masks (``st_npu.engine.attention``) and graph mode (``st_npu.engine.graphs``,
   instance attributes on that model only). Other devices, and machines without an NPU, get stock behaviour.
   ``st_npu.SentenceTransformer`` instances are left to their own constructor, which does all of this already.
 - ``sentence_transformers.SentenceTransformer.start_multi_process_pool`` is set on the class (stock inherits it
@@ -42,9 +42,9 @@ from typing import Any
 import sentence_transformers
 import torch
 
-from st_npu import attention, graphs, static_shapes
-from st_npu.devices import check_dtype_supported, names_npu, npu_count, resolve_device, resolve_dtype
-from st_npu.pools import start_pool
+from st_npu.engine import attention, graphs, static_shapes
+from st_npu.runtime.devices import check_dtype_supported, names_npu, npu_count, resolve_device, resolve_dtype
+from st_npu.runtime.pools import start_pool
 
 PUBLIC_PACKAGE = "sentence_transformers"
 _MISSING = object()  # an owner that only inherited the attribute: undo deletes the replacement
@@ -130,11 +130,11 @@ def patch(
     """Make every stock ``SentenceTransformer`` built from now on NPU-aware, until ``undo()``/``unpatch()``.
 
     Args:
-        static_shapes: pad batches to a few fixed shapes (``st_npu.static_shapes``); ``None`` turns them on for
+        static_shapes: pad batches to a few fixed shapes (``st_npu.engine.static_shapes``); ``None`` turns them on for
             models that land on an NPU. Skipped where that module does not exist.
         warmup: compile every static shape right after each model is built.
         dtype: cast each model to float32, float16 or bfloat16 after loading; ``None`` keeps the checkpoint's.
-        graphs: replay each static shape as a captured device graph (``st_npu.graphs``), captured by the warm-up;
+        graphs: replay each static shape as a captured device graph (``st_npu.engine.graphs``), captured by the warm-up;
             ``None`` turns it on where static shapes are on and the device can capture.
 
     Returns the handle of the new patch. While a patch is active, ``patch()`` changes nothing and returns a

@@ -23,7 +23,7 @@ EMULATED_DEVICES = 8
 REPO = Path(__file__).resolve().parent.parent
 
 if not HARDWARE_DEVICE:
-    from st_npu.testing import emulator
+    from st_npu.emulator import backend as emulator
 
     emulator.install(devices=EMULATED_DEVICES)
 

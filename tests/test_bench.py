@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from conftest import needs_emulator
 
-from st_npu import bench, bench_report, cli, measure
+from st_npu import cli
+
+from st_npu.evaluation import bench, report as bench_report, measure
 
 BATCH_SIZES = (4, 8)
 LIMIT = 24

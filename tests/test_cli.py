@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO, needs_emulator, run_cli
 
 import st_npu
-from st_npu import cli, outputs
+from st_npu import cli
+from st_npu.files import outputs
 
 
 @needs_emulator
@@ -154,7 +155,7 @@ def test_run_a_module_like_python_dash_m(tmp_path):
 
 
 def test_task_queue_hint_only_for_real_npus(monkeypatch):
-    from st_npu import doctor
+    from st_npu.runtime import doctor
 
     monkeypatch.delenv("TASK_QUEUE_ENABLE", raising=False)
     monkeypatch.setattr(doctor, "_npu_devices", lambda problems, versions: {"count": 2, "names": ["Ascend910B3"] * 2,

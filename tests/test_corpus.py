@@ -23,7 +23,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from st_npu import SentenceTransformer  # noqa: E402
 from st_npu.corpus import embed_corpus  # noqa: E402
-from st_npu.inputs import InputError  # noqa: E402
+from st_npu.files.inputs import InputError  # noqa: E402
 
 TEXTS = ["The cat sat on the mat.", "", "北京是中国的首都。", "A much longer sentence " * 20, "x", "  ", "end"]
 

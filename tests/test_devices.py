@@ -7,8 +7,8 @@ import torch
 from conftest import EMULATED_DEVICES, needs_emulator, run_python
 
 import st_npu
-from st_npu.devices import DeviceError, check_dtype_supported, resolve_device, resolve_dtype
-from st_npu.testing import emulator
+from st_npu.runtime.devices import DeviceError, check_dtype_supported, resolve_device, resolve_dtype
+from st_npu.emulator import backend as emulator
 
 
 @needs_emulator

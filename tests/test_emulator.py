@@ -1,4 +1,4 @@
-"""Tests for st_npu.testing.emulator, the CPU-backed emulated ``npu`` device.
+"""Tests for st_npu.emulator.backend, the CPU-backed emulated ``npu`` device.
 
 What these tests (and the emulator) prove: tensors land on and move between the right ``npu:N``, every operator
 gives exactly the CPU result, compiles / memory / OOM are accounted as documented, and stock sentence-transformers
@@ -23,10 +23,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from st_npu.testing import emulator
+from st_npu.emulator import backend as emulator
 
 REPO = Path(__file__).resolve().parents[1]
-EMULATOR_FILE = REPO / "st_npu" / "testing" / "emulator.py"
+EMULATOR_FILE = REPO / "st_npu" / "emulator" / "backend.py"
 # On real Ascend hardware (ST_NPU_TEST_DEVICE set, see conftest.py) the emulator must stay uninstalled.
 pytestmark = pytest.mark.skipif(bool(os.environ.get("ST_NPU_TEST_DEVICE")), reason="tests the emulated npu")
 SENTENCES = ["A man is eating food.", "A man is riding a horse.", "The girl is carrying a baby.", "Hello",
@@ -385,7 +385,7 @@ def test_stock_sentence_transformer_on_npu3(minilm_path: str) -> None:
 def test_visible_devices_are_the_listed_ones_renumbered_from_0():
     from conftest import run_python
 
-    code = ("import torch, st_npu; from st_npu.testing import emulator; "
+    code = ("import torch, st_npu; from st_npu.emulator import backend as emulator; "
             "print(torch.npu.device_count(), emulator.physical_device_count(), torch.zeros(1, device='npu:1').device)")
     result = run_python(code, env={"ST_NPU_EMULATE": "8", "ASCEND_RT_VISIBLE_DEVICES": "3,5"})
     assert result.returncode == 0, result.stderr

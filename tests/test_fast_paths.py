@@ -15,9 +15,9 @@ from conftest import needs_emulator
 
 import st_npu
 from st_npu import _compat
-from st_npu.static_shapes import ShapePolicy, disable, enable, policy_of
-from st_npu.testing import emulator
-from st_npu.workloads import mixed_corpus
+from st_npu.engine.static_shapes import ShapePolicy, disable, enable, policy_of
+from st_npu.emulator import backend as emulator
+from st_npu.evaluation.workloads import mixed_corpus
 
 CORPUS = mixed_corpus(64)
 

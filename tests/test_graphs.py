@@ -1,4 +1,4 @@
-"""Graph mode (st_npu.graphs), the emulated npu's graphs, and SDPA masks that reach the fused kernel.
+"""Graph mode (st_npu.engine.graphs), the emulated npu's graphs, and SDPA masks that reach the fused kernel.
 
 On the emulated npu these tests prove what is captured, replayed, counted and copied; not Ascend's graph runtime,
 its kernels or speed. ``test_graphs_on_ascend`` runs on hardware with ST_NPU_TEST_DEVICE=npu.
@@ -19,10 +19,10 @@ import torch
 from conftest import needs_emulator
 
 import st_npu
-from st_npu import attention, graphs
-from st_npu.static_shapes import ShapePolicy, padder_of, sample_features
-from st_npu.testing import emulator
-from st_npu.workloads import mixed_corpus, seed_sentences
+from st_npu.engine import attention, graphs
+from st_npu.engine.static_shapes import ShapePolicy, padder_of, sample_features
+from st_npu.emulator import backend as emulator
+from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
 POLICY = ShapePolicy(seq_lengths=(16, 64), batch_sizes=(1, 8))
 TEXTS = [text for text in mixed_corpus(40) if len(text) < 150][:12]
@@ -136,7 +136,7 @@ def test_a_capture_that_fails_falls_back_to_eager_with_one_warning(tiny_cls, cap
     model = st_npu.SentenceTransformer(tiny_cls, device="npu:4", static_shapes=POLICY)
     # A host sync in the middle of the forward, like transformers' own mask checks.
     model[1].register_forward_pre_hook(lambda module, args: args[0]["attention_mask"].sum().item() and None)
-    with caplog.at_level(logging.WARNING, logger="st_npu.graphs"):
+    with caplog.at_level(logging.WARNING, logger="st_npu.engine.graphs"):
         model.warmup(batch_size=8)
         model.warmup(batch_size=8)
         got = model.encode(TEXTS, batch_size=8)
@@ -198,7 +198,7 @@ def test_graphs_on_ascend(tiny_cls):
 
 @needs_emulator
 def test_info_reports_compile_mode_graph_capture_and_task_queue(monkeypatch):
-    from st_npu import doctor
+    from st_npu.runtime import doctor
 
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "2")
     runtime = doctor.collect()["runtime"]

@@ -1,4 +1,4 @@
-"""Bucket-grouped encode, compile-free tails, and padding that stays inside encode (st_npu.grouping)."""
+"""Bucket-grouped encode, compile-free tails, and padding that stays inside encode (st_npu.engine.grouping)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from conftest import needs_emulator
 
 import st_npu
-from st_npu.static_shapes import enable
-from st_npu.testing import emulator
-from st_npu.workloads import mixed_corpus, seed_sentences
+from st_npu.engine.static_shapes import enable
+from st_npu.emulator import backend as emulator
+from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
 TEXTS = seed_sentences()
 OPTIONS = [

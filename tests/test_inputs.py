@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from st_npu.inputs import InputError, iter_texts, read_texts
+from st_npu.files.inputs import InputError, iter_texts, read_texts
 
 
 def test_blank_lines_are_empty_texts_so_rows_stay_aligned(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import st_npu
-from st_npu.folder import spec_by_name
+from st_npu.loading.folder import spec_by_name
 
 SPEC = spec_by_name("BAAI/llm-embedder")
 

@@ -13,7 +13,7 @@ from conftest import copy_folder
 from sentence_transformers import util
 
 import st_npu
-from st_npu.folder import ModelFolderError, ModelNotFoundError
+from st_npu.loading.folder import ModelFolderError, ModelNotFoundError
 
 TEXTS = [
     "Hello world",
@@ -66,7 +66,7 @@ def test_llm_embedder_shape_matches_cls_l2_computed_with_transformers(llm_like):
 
 def test_llm_embedder_prompts_and_retrieval_api(llm_like):
     model = st_npu.SentenceTransformer(llm_like, device="cpu")
-    spec = st_npu.folder.spec_by_name("BAAI/llm-embedder")
+    spec = st_npu.loading.folder.spec_by_name("BAAI/llm-embedder")
     assert model.prompts["qa_query"] == spec["instructions"]["qa"]["query"]
     assert model.prompts["tool_key"] == spec["instructions"]["tool"]["key"]
     query = model.encode_query(["what is the capital of France?"])
@@ -168,7 +168,7 @@ def test_edge_case_texts_work(tiny_cls):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", torch.bfloat16, "fp32"])
 def test_dtypes_on_cpu(tiny_cls, dtype):
     model = st_npu.SentenceTransformer(tiny_cls, device="cpu", dtype=dtype)
-    assert next(model.parameters()).dtype == st_npu.devices.resolve_dtype(dtype)
+    assert next(model.parameters()).dtype == st_npu.runtime.devices.resolve_dtype(dtype)
     reference = stock(tiny_cls).encode(TEXTS)
     got = model.encode(TEXTS)
     cosine = (got * reference).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(reference, axis=-1)

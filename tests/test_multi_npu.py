@@ -20,8 +20,9 @@ import transformers
 from conftest import needs_emulator, run_python
 
 import st_npu
-from st_npu import patching, pools
-from st_npu.devices import DeviceError
+from st_npu import patching
+from st_npu.runtime import pools
+from st_npu.runtime.devices import DeviceError
 
 StockST = sentence_transformers.SentenceTransformer
 TEXTS = [f"text {i}: " + "word " * (i % 13) for i in range(48)]

@@ -16,8 +16,10 @@ import torch
 from conftest import REPO, copy_folder, needs_emulator
 
 import st_npu
-from st_npu import _compat, folder, pools
-from st_npu.folder import ModelNotFoundError, UnrecognisedModelWarning, spec_by_name
+from st_npu import _compat
+from st_npu.loading import folder
+from st_npu.runtime import pools
+from st_npu.loading.folder import ModelNotFoundError, UnrecognisedModelWarning, spec_by_name
 
 SPEC = spec_by_name("BAAI/llm-embedder")
 LONG_QUERY = "how do I reset the password of my account " * 60  # ~540 tokens
@@ -226,7 +228,7 @@ def _env() -> dict[str, str]:
 
 def test_bfloat16_on_a_cpu_without_bf16_units_warns_once(tiny_cls, monkeypatch):
     """Item 11: there bfloat16 is emulated and about 3x slower than float32."""
-    from st_npu import devices
+    from st_npu.runtime import devices
 
     monkeypatch.setattr(devices, "cpu_bf16_units", lambda: None)
     monkeypatch.setattr(devices, "_warned_slow_bf16", False)

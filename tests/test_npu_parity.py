@@ -13,7 +13,7 @@ import torch
 from conftest import HARDWARE_DEVICE
 
 import st_npu
-from st_npu.workloads import mixed_corpus, seed_sentences
+from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
 TEXTS = seed_sentences() + mixed_corpus(9)
 # (device, max abs difference allowed in fp32, min cosine allowed in fp16)

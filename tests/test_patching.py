@@ -23,8 +23,9 @@ from sentence_transformers import SentenceTransformer as EarlyImportedST  # boun
 from sentence_transformers import util
 
 import st_npu
-from st_npu import patching, static_shapes
-from st_npu.devices import DeviceError
+from st_npu import patching
+from st_npu.engine import static_shapes
+from st_npu.runtime.devices import DeviceError
 
 StockST = sentence_transformers.SentenceTransformer
 PATCHED = ("__init__", "start_multi_process_pool")
@@ -163,7 +164,7 @@ def test_dtype_is_applied(tiny_cls):
 
 @pytest.fixture
 def recorded_static_shapes(monkeypatch) -> list[tuple[str, object]]:
-    """``st_npu.static_shapes`` recording what the patch asks of it (a full warm-up is slow on the emulator)."""
+    """``st_npu.engine.static_shapes`` recording what the patch asks of it (a full warm-up is slow on the emulator)."""
     calls: list[tuple[str, object]] = []
     monkeypatch.setattr(static_shapes, "enable", lambda model, policy=None: calls.append(("enable", model)))
     monkeypatch.setattr(static_shapes, "warmup",

@@ -12,7 +12,7 @@ from conftest import copy_folder, needs_emulator, run_cli
 
 import st_npu
 from st_npu import cli
-from st_npu import verify as check
+from st_npu.evaluation import verify as check
 
 REPORT_KEYS = {"mean_cosine", "min_cosine", "pearson", "error_rate_percent", "passed", "device", "dtype", "versions",
                "model", "max_abs_diff", "worst", "neighbours"}

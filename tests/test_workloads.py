@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from st_npu.workloads import mixed_corpus, seed_sentences
+from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 

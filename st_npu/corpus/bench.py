@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from st_npu.devices import cpu_name
+from st_npu.runtime.devices import cpu_name
 
 WORDS = ("retrieval passage query index vector shard corpus model device memory stream resume ascend npu "
          "embedding batch token sentence search answer").split()

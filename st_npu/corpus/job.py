@@ -20,8 +20,8 @@ from st_npu.corpus.reader import Fields, Shard, fingerprint, input_files, row_co
 from st_npu.corpus.shards import OUTPUT_DTYPES, shard_holds
 from st_npu.corpus.workers import Done, run_here, run_processes
 from st_npu.errors import UsageError
-from st_npu.fingerprint import model_identity
-from st_npu.outputs import atomic_file
+from st_npu.loading.fingerprint import model_identity
+from st_npu.files.outputs import atomic_file
 
 DEFAULT_SHARD_SIZE = 10_000
 REJECTS = "rejects.jsonl"
@@ -51,7 +51,7 @@ def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], o
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
-    from st_npu.folder import resolve_model_path
+    from st_npu.loading.folder import resolve_model_path
 
     files = input_files(input)
     fields = Fields(text_field, id_field, tuple(keep))
@@ -89,7 +89,7 @@ def _prepare_output(folder: Path, job: dict[str, Any], overwrite: bool) -> Path:
 
 def _devices(devices: Sequence[str] | None) -> list[str | None]:
     """Every local NPU by default, else one process on st_npu's automatic choice; named devices checked here."""
-    from st_npu.devices import npu_count, resolve_device
+    from st_npu.runtime.devices import npu_count, resolve_device
 
     if devices:
         resolved = [str(resolve_device(device)) for device in devices]

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from st_npu.fingerprint import identity_differences
-from st_npu.outputs import atomic_file
+from st_npu.loading.fingerprint import identity_differences
+from st_npu.files.outputs import atomic_file
 
 FORMAT = "st-npu-corpus/1"
 NAME = "manifest.json"

@@ -1,4 +1,4 @@
-"""A corpus read as a stream of rows, in shards: ``.txt`` and ``.jsonl`` through :mod:`st_npu.inputs`, ``.parquet``,
+"""A corpus read as a stream of rows, in shards: ``.txt`` and ``.jsonl`` through :mod:`st_npu.files.inputs`, ``.parquet``,
 ``.csv`` and ``.tsv`` through pyarrow, in batches; a folder or a glob is its files in sorted order.
 
 Row i of the input (counted over all its files, from 0) is row i everywhere: a blank line is a row (the text
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from st_npu.fingerprint import sha256_file
-from st_npu.inputs import InputError, decode, display_name, field_text, is_jsonl, json_record, lines
+from st_npu.loading.fingerprint import sha256_file
+from st_npu.files.inputs import InputError, decode, display_name, field_text, is_jsonl, json_record, lines
 
 LINE_SUFFIXES = (".txt", ".jsonl", ".ndjson")
 COLUMN_SUFFIXES = (".parquet", ".csv", ".tsv")
@@ -181,7 +181,7 @@ def _line_records(path: Path, fields: Fields, first_row: int) -> Iterator[Record
             identity = _identity(record, fields.id, where) if fields.id else None
             yield field_text(record, fields.text, where), identity, {name: record.get(name) for name in fields.keep}
         except InputError as exc:
-            # The messages of st_npu.inputs start with the file and line; a reject keeps them apart.
+            # The messages of st_npu.files.inputs start with the file and line; a reject keeps them apart.
             reason = str(exc).removeprefix(where).removeprefix(":").strip()
             yield Reject(first_row + line.number - 1, where, reason)
 

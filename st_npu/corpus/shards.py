@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from st_npu.corpus.reader import pyarrow_modules
-from st_npu.fingerprint import sha256_file
-from st_npu.outputs import atomic_file
+from st_npu.loading.fingerprint import sha256_file
+from st_npu.files.outputs import atomic_file
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 

@@ -3,7 +3,7 @@
 A worker gets its next shard only when it has finished the last one, so a slow device takes fewer shards, and
 at most one shard per worker is in flight (host memory stays bounded). The parent knows which shard each worker
 holds: a worker that dies (killed, out of memory, a crash in the device runtime) has its shard handed to another,
-and the job fails with :class:`~st_npu.pools.WorkerDiedError` only when no worker is left. Workers ignore
+and the job fails with :class:`~st_npu.runtime.pools.WorkerDiedError` only when no worker is left. Workers ignore
 Ctrl-C (the parent stops them) and exit by themselves when the parent is gone (e.g. SIGKILLed).
 With a single device the shards are embedded in this process, through the same :func:`embed_shard`.
 """
@@ -25,7 +25,8 @@ from typing import Any
 from st_npu.corpus.encoder import ModelSettings, ShardEncoder
 from st_npu.corpus.reader import Shard
 from st_npu.corpus.shards import ShardRecord, write_shard
-from st_npu.pools import POLL_S, WorkerDiedError, emulated_device_count, load_npu_in_worker
+from st_npu.runtime import emulation
+from st_npu.runtime.pools import POLL_S, WorkerDiedError, emulated_device_count, load_npu_in_worker
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,8 @@ def embed_shard(encoder: ShardEncoder, shard: Shard, folder: Path, output_dtype:
 
 def device_ops(device: str) -> int | None:
     """Operators run on an emulated ``npu:N`` so far in this process; None on a real or non-npu device."""
-    if not device.startswith("npu") or not getattr(sys.modules.get("torch_npu"), "__emulated__", False):
-        return None
-    from st_npu.testing import emulator
-
-    return emulator.stats()["per_device"][int(device.partition(":")[2] or 0)]["ops"]
+    counted = emulation.counters(device)
+    return None if counted is None else counted.ops
 
 
 def run_here(device: str | None, settings: ModelSettings, shards: Iterator[Shard], folder: Path, output_dtype: str,

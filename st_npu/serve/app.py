@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from st_npu import __version__
 from st_npu.serve.batcher import Batcher, Job, QueueFull
-from st_npu.tokenizer_lock import tokenizer_lock
+from st_npu.engine.tokenizer_lock import tokenizer_lock
 
 
 ROUTES = ("/v1/embeddings", "/embed", "/health", "/info", "/metrics")
@@ -217,7 +217,7 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
 class TokenCounter:
     """Tokens per text as ``encode`` will see it: prompt prepended, special tokens included, not truncated.
 
-    It uses a copy of the model's tokenizer, behind that copy's lock (:mod:`st_npu.tokenizer_lock`), so counting
+    It uses a copy of the model's tokenizer, behind that copy's lock (:mod:`st_npu.engine.tokenizer_lock`), so counting
     never waits for the device worker's ``encode``, which keeps using the original.
     """
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from st_npu import graphs
-from st_npu.static_shapes import ShapePolicy, policy_of
+from st_npu.engine import graphs
+from st_npu.engine.static_shapes import ShapePolicy, policy_of
 
 
 class QueueFull(Exception):

@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from st_npu.measure import is_emulated
+from st_npu.runtime import emulation
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,7 +37,7 @@ class Metrics:
                                          buckets=SECONDS_BUCKETS, registry=self.registry)
         self.tokens = Counter("st_npu_tokens", "Tokens embedded (prompt and special tokens included)",
                               registry=self.registry)
-        emulated = [device for device in devices if is_emulated(device)]
+        emulated = [device for device in devices if emulation.is_emulated(device)]
         if emulated:
             self.registry.register(_EmulatorCollector(emulated))
 
@@ -57,9 +57,6 @@ class _EmulatorCollector:
         self.indices = sorted({device.index or 0 for device in devices})
 
     def collect(self) -> Any:
-        from st_npu.testing import emulator
-
-        per_device = emulator.stats()["per_device"]
         ops = CounterMetricFamily("st_npu_emulated_npu_ops", "Operators launched on the emulated npu",
                                   labels=["device"])
         compiles = CounterMetricFamily("st_npu_emulated_npu_compiles", "Operator compilations on the emulated npu",
@@ -69,8 +66,9 @@ class _EmulatorCollector:
         replays = CounterMetricFamily("st_npu_emulated_npu_graph_replays", "Captured graphs replayed on the emulated "
                                       "npu", labels=["device"])
         for index in self.indices:
-            ops.add_metric([f"npu:{index}"], per_device[index]["ops"])
-            compiles.add_metric([f"npu:{index}"], per_device[index]["compiles"])
-            launches.add_metric([f"npu:{index}"], per_device[index]["launches"])
-            replays.add_metric([f"npu:{index}"], per_device[index]["replays"])
+            counted = emulation.counters(f"npu:{index}")
+            ops.add_metric([f"npu:{index}"], counted.ops)
+            compiles.add_metric([f"npu:{index}"], counted.compiles)
+            launches.add_metric([f"npu:{index}"], counted.launches)
+            replays.add_metric([f"npu:{index}"], counted.replays)
         yield from (ops, compiles, launches, replays)

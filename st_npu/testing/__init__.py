@@ -1,1 +1,1 @@
-"""Test helpers for st_npu, chiefly a CPU-backed emulated ``npu`` device (see ``st_npu.testing.emulator``)."""
+"""Test helpers for st_npu, chiefly a CPU-backed emulated ``npu`` device (see ``st_npu.emulator.backend``)."""

@@ -1,4 +1,4 @@
-"""Texts to embed: the seed's 23 test sentences and a mixed-length zh/en corpus (user files: ``st_npu.inputs``).
+"""Texts to embed: the seed's 23 test sentences and a mixed-length zh/en corpus (user files: ``st_npu.files.inputs``).
 
 The mixed corpus is real text that is already on disk after ``pip install``: English from the docstrings of
 standard-library modules and the Python reference topics (``pydoc_data``), Chinese from the corpora shipped
@@ -17,7 +17,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from st_npu._data import load_config
+from st_npu.loading.data import load_config
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # BERT's pre-tokenizer makes every CJK character and every punctuation mark a token of its own and keeps other

@@ -5,7 +5,7 @@ name, e.g. "st_npu bf16 >= 4x stock fp32"), st_npu in ``--dtype``. For each batc
 alternate, stock then st_npu, ``--repeats`` times, and each model's row reports its *best* pass (shortest
 time): other work on the machine only ever slows a pass down, so the best pass is the least disturbed one.
 Every pass's figures are in the ``--json`` file. The instruments (timers, memory, compile counts) are
-:mod:`st_npu.measure`'s; the table and plot are :mod:`st_npu.bench_report`'s.
+:mod:`st_npu.evaluation.measure`'s; the table and plot are :mod:`st_npu.evaluation.report`'s.
 
 * A pass is what a user runs: ``encode`` over the whole workload (``mixed``: the corpus in one call, so each
   model batches and sorts it its own way) or, for ``seed``, the seed port's method: ``SEED_CALLS`` calls of
@@ -47,11 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from st_npu import measure
-from st_npu.bench_report import PLOT_HINT, format_report, plot
+from st_npu.evaluation import measure
+from st_npu.evaluation.report import PLOT_HINT, format_report, plot
 from st_npu.errors import UsageError
-from st_npu.measure import compile_counter, is_emulated, matmul_peak_flops, memory_meter, percentile, synchronize
-from st_npu.outputs import atomic_file
+from st_npu.evaluation.measure import compile_counter, matmul_peak_flops, memory_meter, percentile, synchronize
+from st_npu.runtime.emulation import is_emulated
+from st_npu.files.outputs import atomic_file
 
 MODELS = ("stock", "st_npu")
 STOCK_DTYPE = torch.float32
@@ -98,7 +99,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def load_workload(name: str, limit: int | None = None) -> Workload:
-    from st_npu.workloads import mixed_corpus, seed_sentences
+    from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
     if name == "seed":
         return Workload("seed", seed_sentences()[:limit], calls=SEED_CALLS)
@@ -199,7 +200,7 @@ def agreement(stock: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
     text apart from the average text (stock's mean embedding is subtracted from both), so another text's row
     scores far lower, unless the two texts are alike to within the error, where no check could tell them apart.
     """
-    from st_npu.verify import cosines
+    from st_npu.evaluation.verify import cosines
 
     plain = cosines(stock, ours)
     # With one text the centered rows are zero: nothing to compare.
@@ -218,14 +219,14 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
     """Stock (float32) and st_npu (``--dtype``) on the same folder and device."""
     import sentence_transformers
 
-    from st_npu.devices import resolve_device
-    from st_npu.folder import resolve_model_path
+    from st_npu.runtime.devices import resolve_device
+    from st_npu.loading.folder import resolve_model_path
     from st_npu.options import load_model
 
     device = resolve_device(args.device)
     ours = load_model(args, device=str(device))
     if getattr(args, "graphs", None) == "off":
-        from st_npu import graphs
+        from st_npu.engine import graphs
 
         graphs.disable(ours)
     stock = sentence_transformers.SentenceTransformer(str(resolve_model_path(args.model)), device=str(device))
@@ -241,7 +242,7 @@ def warm_up_st_npu(model: Any, batch_size: int) -> dict[str, Any] | None:
     """st_npu's warm-up where static shapes are on (else there is nothing to pre-compile): shapes and seconds; on
     an accelerator also the peak memory of its eager encodes (every shape, the largest included) and, with graph
     mode, how many graphs it captured and the device memory they hold."""
-    from st_npu import graphs, static_shapes
+    from st_npu.engine import graphs, static_shapes
 
     if static_shapes.policy_of(model) is None:
         return None
@@ -358,8 +359,8 @@ def _name(dtype: torch.dtype) -> str:
 def _report(args: argparse.Namespace, device: torch.device, dtypes: dict[str, torch.dtype], workload: Workload,
             texts: int, tokens: int, peaks: dict[torch.dtype, float], flops_per_token: int,
             warmup: dict[str, Any] | None, rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> dict[str, Any]:
-    from st_npu.devices import cpu_bf16_units, cpu_name
-    from st_npu.verify import versions
+    from st_npu.runtime.devices import cpu_bf16_units, cpu_name
+    from st_npu.evaluation.verify import versions
 
     return {
         "model": args.model,

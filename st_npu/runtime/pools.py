@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from st_npu.devices import load_torch_npu, names_npu, npu_count, resolve_device
+from st_npu.runtime import emulation
+from st_npu.runtime.devices import load_torch_npu, names_npu, npu_count, resolve_device
 
 # How often a pool's result queue is re-read while waiting, to look for dead workers in between.
 POLL_S = 1.0
@@ -121,21 +122,13 @@ class _NpuWorkerDevice(str):
 
 def emulated_device_count() -> int | None:
     # The machine's count: the worker inherits ASCEND_RT_VISIBLE_DEVICES and applies it itself, as on Ascend.
-    torch_npu = sys.modules.get("torch_npu")
-    if not getattr(torch_npu, "__emulated__", False):
-        return None
-    from st_npu.testing import emulator
-
-    return emulator.physical_device_count()
+    return emulation.physical_device_count()
 
 
 def load_npu_in_worker(device: str, emulated_devices: int | None) -> str:
-    # Unpickling this function imported st_npu, which already honoured ST_NPU_EMULATE if it was set.
+    # torch's backend autoload already honoured ST_NPU_EMULATE in this worker, if it was set.
     if emulated_devices is not None:
-        from st_npu.testing import emulator
-
-        if not emulator.is_installed():
-            emulator.install(devices=emulated_devices)
+        emulation.ensure_installed(emulated_devices)
     load_torch_npu()
     return device
 

@@ -28,8 +28,8 @@ from typing import Any
 import httpx
 
 from st_npu.errors import UsageError
-from st_npu.measure import percentile
-from st_npu.outputs import atomic_file
+from st_npu.evaluation.measure import percentile
+from st_npu.files.outputs import atomic_file
 
 START_TIMEOUT_S = 900
 REQUEST_TIMEOUT_S = 120

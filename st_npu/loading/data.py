@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def read_json(path: Path, error: type[Exception] = ValueError) -> Any:

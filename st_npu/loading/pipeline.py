@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from st_npu import _compat
-from st_npu.folder import ModelPlan
+from st_npu.loading.folder import ModelPlan
 
 
 def build_modules(plan: ModelPlan, **load_kwargs: Any) -> list[nn.Module]:

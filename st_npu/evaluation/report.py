@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from st_npu.errors import UsageError
-from st_npu.measure import PEAK_MATMUL_REPEATS
-from st_npu.outputs import atomic_file
+from st_npu.evaluation.measure import PEAK_MATMUL_REPEATS
+from st_npu.files.outputs import atomic_file
 
 PLOT_HINT = 'pip install "st-npu[bench]"'
 

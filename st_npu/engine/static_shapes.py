@@ -5,7 +5,7 @@ longest text, so a corpus brings dozens of shapes and each one stalls (FlagEmbed
 tokenized batch is padded, still on the CPU, up to a bucket length and a bucketed batch size; a forward hook
 cuts the outputs back to the real rows and tokens, so ``encode`` returns exactly what it returns without
 padding. Padding is numerically neutral: padded tokens are masked out of attention and pooling, padded rows
-are copies of a real row and are dropped. Where graphs are captured (:mod:`st_npu.graphs`), a padded batch
+are copies of a real row and are dropped. Where graphs are captured (:mod:`st_npu.engine.graphs`), a padded batch
 whose rows go back to the host is handed to the graph runner here, which copies it into its graph in one transfer.
 
 Works on any stock ``SentenceTransformer`` (``enable(model)``), through two public extension points: an
@@ -79,7 +79,7 @@ class _PaddedPreprocess:
         self.model = model
         self.policy = policy
         self.padding = padding  # False: bucket groups and encode's tails only, each batch at its own length
-        # The graph runner (st_npu.graphs) once it holds graphs: it takes a padded batch straight to the device.
+        # The graph runner (st_npu.engine.graphs) once it holds graphs: it takes a padded batch straight to the device.
         self.stager: Any = None
         # Per thread: encode calls in other threads have their own batch in flight, padding and options.
         self.pending = threading.local()
@@ -195,9 +195,9 @@ def _pad(value: torch.Tensor, target: tuple[int, int], fill: int, left: bool) ->
 def enable(model: Any, policy: ShapePolicy | None = None, padding: bool = True) -> ShapePolicy:
     """Pad this model's batches to bucket shapes from now on (again: replaces the policy). Returns the policy.
 
-    ``padding=False`` keeps only the bucket-grouped encode (:mod:`st_npu.grouping`): where shapes cost nothing
+    ``padding=False`` keeps only the bucket-grouped encode (:mod:`st_npu.engine.grouping`): where shapes cost nothing
     to compile (the CPU), each batch stays at its own length, and static shapes count as off."""
-    from st_npu.grouping import GroupedEncode  # grouping builds on this module
+    from st_npu.engine.grouping import GroupedEncode  # grouping builds on this module
 
     policy = policy or ShapePolicy()
     disable(model)

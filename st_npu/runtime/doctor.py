@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from st_npu.hints import CANN_HINT, INSTALL_HINT
+from st_npu.runtime.hints import CANN_HINT, INSTALL_HINT
 
 # TORCH_DEVICE_BACKEND_AUTOLOAD=0 only lets `import torch` through: transformers still imports torch_npu as soon
 # as it finds it installed, and fails the same way, so the CPU needs an environment without torch-npu.
@@ -97,10 +97,10 @@ def _torch_import_problem(exc: BaseException) -> dict[str, str]:
 
 
 def _emulator_from_env(problems: list[dict[str, str]]) -> None:
-    from st_npu.testing.emulator import install_from_env
+    from st_npu.runtime import emulation
 
     try:
-        install_from_env()
+        emulation.install_from_env()
     except (ValueError, RuntimeError) as exc:
         problems.append({"problem": f"ST_NPU_EMULATE: {exc}", "fix": "unset ST_NPU_EMULATE or set it to a device count"})
 
@@ -109,7 +109,7 @@ def _npu_runtime() -> dict[str, str]:
     """What decides host overhead on Ascend: operator compile mode, graph capture, the task queue level."""
     import torch
 
-    from st_npu.graphs import unavailable_reason
+    from st_npu.runtime.devices import graph_capture_unavailable
 
     is_binary = getattr(torch.npu, "is_jit_compile_false", None)
     if is_binary is None:
@@ -117,7 +117,7 @@ def _npu_runtime() -> dict[str, str]:
     else:
         mode = ("binary kernels (jit_compile=False)" if is_binary() else
                 "online compilation (jit_compile=True; binary kernels: torch_npu.npu.set_compile_mode(jit_compile=False))")
-    reason = unavailable_reason(torch.device("npu", 0))
+    reason = graph_capture_unavailable(torch.device("npu", 0))
     queue = os.environ.get("TASK_QUEUE_ENABLE")
     return {"compile mode": mode, "graph capture": "available" if reason is None else f"unavailable: {reason}",
             "task queue": f"TASK_QUEUE_ENABLE={queue}" if queue else "TASK_QUEUE_ENABLE unset (level 1, the default)"}
@@ -126,7 +126,7 @@ def _npu_runtime() -> dict[str, str]:
 def _npu_devices(problems: list[dict[str, str]], versions: dict[str, str | None]) -> dict[str, Any]:
     import torch
 
-    from st_npu.devices import DeviceError, load_torch_npu
+    from st_npu.runtime.devices import DeviceError, load_torch_npu
 
     if versions["torch-npu"] is None and "torch_npu" not in sys.modules:
         return {"count": 0, "note": "torch_npu is not installed"}

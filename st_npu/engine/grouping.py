@@ -2,7 +2,7 @@
 
 Stock ``encode`` sorts a call's texts by length and cuts batches from that order, so one long text pads every
 short text of its batch to the long one's bucket (the seed's 23 sentences: padding efficiency 0.13). Here the
-call is split by sequence bucket (:mod:`st_npu.static_shapes`), each group goes through stock ``encode`` on its
+call is split by sequence bucket (:mod:`st_npu.engine.static_shapes`), each group goes through stock ``encode`` on its
 own, and the rows are put back in input order; a single group is one call, as before.
 
 The groups ask stock for host rows (``convert_to_numpy``), and the options that would run device operators on the
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from st_npu import _compat
-from st_npu.tokenizer_lock import tokenizer_lock
+from st_npu.engine.tokenizer_lock import tokenizer_lock
 
 
 class GroupedEncode:

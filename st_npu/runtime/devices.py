@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from st_npu.hints import INSTALL_HINT, explain_torch_npu_failure
+from st_npu.runtime.hints import INSTALL_HINT, explain_torch_npu_failure
 
 ACCELERATOR_TYPES = ("npu", "cuda", "mps", "xpu")
 KNOWN_TYPES = ("auto", "cpu", *ACCELERATOR_TYPES)
@@ -183,3 +183,18 @@ def check_dtype_supported(device: torch.device, dtype: torch.dtype | None) -> No
         chip = torch.npu.get_device_name(device.index or 0)
         if CHIPS_WITHOUT_BF16.match(chip):
             raise DeviceError(f"{chip} (npu:{device.index}) has no bfloat16 support; use dtype='float16' or 'float32'.")
+
+
+def graph_capture_unavailable(device: torch.device) -> str | None:
+    """Why graphs cannot be captured on ``device`` (None when they can)."""
+    module = getattr(torch, device.type, None)
+    if device.type == "npu":
+        if not hasattr(module, "NPUGraph"):
+            return "this torch_npu has no torch.npu.NPUGraph (graph capture needs torch_npu 2.5.1 or newer)"
+        name = module.get_device_name(device.index)
+        if "910A" in name:
+            return f"{name} cannot capture graphs (910B and newer can)"
+        return None
+    if device.type == "cuda":
+        return None if hasattr(module, "CUDAGraph") else "this torch has no torch.cuda.CUDAGraph"
+    return f"graph capture runs on npu and cuda, not {device.type}"

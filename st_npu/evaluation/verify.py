@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from st_npu.doctor import installed_version
+from st_npu.runtime.doctor import installed_version
 from st_npu.errors import UsageError
-from st_npu.fingerprint import identity_differences, model_identity
-from st_npu.folder import resolve_model_path
-from st_npu.inputs import read_texts
+from st_npu.loading.fingerprint import identity_differences, model_identity
+from st_npu.loading.folder import resolve_model_path
+from st_npu.files.inputs import read_texts
 from st_npu.options import load_model
-from st_npu.outputs import atomic_file
-from st_npu.workloads import seed_sentences
+from st_npu.files.outputs import atomic_file
+from st_npu.evaluation.workloads import seed_sentences
 
 MIN_PEARSON = 0.99
 NEIGHBOURS = 5

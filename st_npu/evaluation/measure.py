@@ -10,7 +10,7 @@ device's matmul peak and percentiles.
   ~20 % (never deflates it), so compare the lowest peak over several passes.
 * Compilations are counted where they can be: on the emulated npu, per device.
 
-On the emulated npu (``st_npu.testing.emulator``) times, FLOP/s, the matmul peak and memory are those of CPU
+On the emulated npu (``st_npu.emulator.backend``) times, FLOP/s, the matmul peak and memory are those of CPU
 operators behind the emulated device and say nothing about an Ascend chip; only the counts are meaningful.
 """
 
@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from st_npu.runtime import emulation
 
 PEAK_MATMUL_SIZE = 2048
 PEAK_MATMUL_REPEATS = 3
@@ -158,31 +160,26 @@ def memory_meter(device: torch.device) -> RssSampler | DevicePeakMemory | None:
     return DevicePeakMemory(device) if hasattr(module, "max_memory_allocated") else None
 
 
-def is_emulated(device: torch.device) -> bool:
-    return device.type == "npu" and getattr(sys.modules.get("torch_npu"), "__emulated__", False)
-
-
 def compile_counter(device: torch.device) -> Callable[[], int] | None:
     """Compilations on ``device`` since the counter was made; only the emulated npu counts them."""
-    if not is_emulated(device):
+    if not emulation.is_emulated(device):
         return None
-    from st_npu.testing import emulator
-
-    emulator.reset_stats()
-    index = device.index or 0
-    return lambda: emulator.stats()["per_device"][index]["compiles"]
+    emulation.reset_counters()
+    return lambda: emulation.counters(device).compiles
 
 
 def launch_counter(device: torch.device) -> Callable[[], dict[str, int]] | None:
     """Device launches (a graph replay is one) and graph replays on ``device`` since the counter was made; only the
     emulated npu counts them."""
-    if not is_emulated(device):
+    start = emulation.counters(device)
+    if start is None:
         return None
-    from st_npu.testing import emulator
 
-    index = device.index or 0
-    start = emulator.stats()["per_device"][index]
-    return lambda: {key: emulator.stats()["per_device"][index][key] - start[key] for key in ("launches", "replays")}
+    def since() -> dict[str, int]:
+        counted = emulation.counters(device) - start
+        return {"launches": counted.launches, "replays": counted.replays}
+
+    return since
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -1,13 +1,13 @@
 """Graph mode: each static (rows, tokens) shape's forward captured once and replayed with one launch.
 
 On Ascend, small-batch encode is bound by the host: eager torch_npu spends tens of microseconds of host time per
-operator and BERT-base launches about 900 of them per batch. With static shapes (:mod:`st_npu.static_shapes`)
+operator and BERT-base launches about 900 of them per batch. With static shapes (:mod:`st_npu.engine.static_shapes`)
 every batch has one of a few shapes, so ``capture(model, batch_size)`` records the model's forward for each shape
 into a graph (``torch.npu.NPUGraph``, or ``torch.cuda.CUDAGraph`` through the same code), the graphs sharing one
 memory pool, largest first. Each graph reads its inputs from one byte buffer (views of it, keyed like the
 features), so a whole batch arrives in one transfer.
 
-An encode that wants host rows (every bucket-grouped encode, :mod:`st_npu.grouping`) costs three launches per
+An encode that wants host rows (every bucket-grouped encode, :mod:`st_npu.engine.grouping`) costs three launches per
 batch: the padding ``preprocess`` hands its batch to ``stage``, which copies it host-to-device into its graph's
 input buffer and returns views of that buffer (stock's move to the device then has nothing to move); the
 model's ``forward`` (an instance attribute, so this works on stock models too) replays and copies
@@ -32,28 +32,14 @@ from typing import Any
 
 import torch
 
-from st_npu import static_shapes
-from st_npu.static_shapes import padder_of, policy_of, sample_features
+from st_npu.engine import static_shapes
+from st_npu.runtime.devices import graph_capture_unavailable as unavailable_reason
+from st_npu.engine.static_shapes import padder_of, policy_of, sample_features
 
 logger = logging.getLogger(__name__)
 
 # (key, dtype, shape) of each tensor input, largest elements first so that every view of the byte buffer is aligned.
 Layout = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why graphs cannot be captured on ``device`` (None when they can)."""
-    module = getattr(torch, device.type, None)
-    if device.type == "npu":
-        if not hasattr(module, "NPUGraph"):
-            return "this torch_npu has no torch.npu.NPUGraph (graph capture needs torch_npu 2.5.1 or newer)"
-        name = module.get_device_name(device.index)
-        if "910A" in name:
-            return f"{name} cannot capture graphs (910B and newer can)"
-        return None
-    if device.type == "cuda":
-        return None if hasattr(module, "CUDAGraph") else "this torch has no torch.cuda.CUDAGraph"
-    return f"graph capture runs on npu and cuda, not {device.type}"
 
 
 def _graph_api(device: torch.device) -> tuple[type, Any, Any]:
@@ -214,7 +200,7 @@ def _views(block: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 
 
 def warmup(model: Any, batch_size: int = 32, max_tokens: int | None = None, show_progress_bar: bool = True) -> int:
-    """Compile every static shape (:func:`st_npu.static_shapes.warmup`, same arguments), then capture each one's
+    """Compile every static shape (:func:`st_npu.engine.static_shapes.warmup`, same arguments), then capture each one's
     graph where graph mode is on; returns how many shapes ran."""
     shapes = static_shapes.warmup(model, batch_size, max_tokens=max_tokens, show_progress_bar=show_progress_bar)
     runner = runner_of(model)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from st_npu import _data
-from st_npu._data import CONFIG_DIR, load_config
+from st_npu.loading import data as _data
+from st_npu.loading.data import CONFIG_DIR, load_config
 
 DEFAULT_MODEL = "BAAI/llm-embedder"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json")

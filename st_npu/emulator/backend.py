@@ -50,6 +50,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
+from st_npu.emulator import settings
+
 DEFAULT_TOTAL_MEMORY = 64 * 2**30
 # Allocation only reserves memory, and _unsafe_view is a view whose schema does not say so.
 _NO_KERNEL_OPS = frozenset({"aten::empty.memory_format", "aten::empty_strided", "aten::_unsafe_view"})
@@ -185,7 +187,7 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
     if compile_delay_s < 0:
         raise ValueError(f"compile_delay_s must not be negative, got {compile_delay_s}")
     _check_limit(memory_limit_bytes)
-    physical, devices = devices, _visible_device_count(devices)
+    physical, devices = devices, settings.visible_device_count(devices)
     with _lock:
         if _emulator is None:
             _refuse_real_torch_npu()
@@ -219,8 +221,8 @@ def install_from_env(environ: Mapping[str, str] = os.environ) -> bool:
         return False
     limit = environ.get("ST_NPU_EMULATE_MEMORY_LIMIT")
     install(
-        devices=_env_int(environ, "ST_NPU_EMULATE", minimum=1),
-        memory_limit_bytes=_env_int(environ, "ST_NPU_EMULATE_MEMORY_LIMIT", minimum=0) if limit else None,
+        devices=settings.env_int(environ, "ST_NPU_EMULATE", minimum=1),
+        memory_limit_bytes=settings.env_int(environ, "ST_NPU_EMULATE_MEMORY_LIMIT", minimum=0) if limit else None,
         chip=environ.get("ST_NPU_EMULATE_CHIP") or "Ascend910B3",
     )
     return True
@@ -360,7 +362,7 @@ class _TorchNpu(types.ModuleType):
 
 
 def _torch_npu_module() -> types.ModuleType:
-    module = types.ModuleType("torch_npu", "Stand-in for torch_npu, installed by st_npu.testing.emulator.")
+    module = types.ModuleType("torch_npu", "Stand-in for torch_npu, installed by st_npu.emulator.backend.")
     module.__emulated__ = True
     module.__version__ = "emulated"
     # importlib.util.find_spec (and through it transformers) reads an imported module's __spec__.
@@ -511,7 +513,7 @@ def _account(cpu: torch.Tensor, index: int) -> None:
             raise RuntimeError(
                 f"NPU out of memory. Tried to allocate {_format_bytes(growth)} (NPU {index}; "
                 f"{_format_bytes(total)} total capacity; {_format_bytes(d.allocated)} already allocated; "
-                f"{_format_bytes(max(total - d.allocated, 0))} free; limit set by st_npu.testing.emulator)"
+                f"{_format_bytes(max(total - d.allocated, 0))} free; limit set by st_npu.emulator.backend)"
             )
         if known is None:
             weakref.finalize(storage, _release, key)
@@ -563,21 +565,6 @@ def physical_device_count() -> int:
     return _visibility["physical"]
 
 
-def _visible_device_count(physical: int, environ: Mapping[str, str] = os.environ) -> int:
-    value = environ.get("ASCEND_RT_VISIBLE_DEVICES", "").strip()
-    if not value:
-        return physical
-    listed = [item.strip() for item in value.split(",")]
-    problem = next((f"{item!r} is not a device index" for item in listed if not item.isdigit()), None)
-    problem = problem or next((f"device {item} does not exist (the emulated machine has {physical}: 0 to "
-                               f"{physical - 1})" for item in listed if int(item) >= physical), None)
-    if problem is None and len(set(map(int, listed))) != len(listed):
-        problem = "a device is listed twice"
-    if problem:
-        raise RuntimeError(f"ASCEND_RT_VISIBLE_DEVICES={value!r}: {problem}")
-    return len(listed)
-
-
 # --- graphs: torch.npu.NPUGraph ------------------------------------------------------------------------------
 #
 # Mirrors torch_npu/npu/graphs.py (torch.npu.NPUGraph, torch.npu.graph, graph_pool_handle,
@@ -627,7 +614,7 @@ class _GraphPool:
         if growth > 0:
             if device.allocated + growth > _total_memory():
                 raise RuntimeError(f"NPU out of memory. Tried to allocate {_format_bytes(growth)} (NPU {self.index}; "
-                                   f"graph capture; limit set by st_npu.testing.emulator)")
+                                   f"graph capture; limit set by st_npu.emulator.backend)")
             self.reserved[0] += growth
             device.allocated += growth
             device.peak = max(device.peak, device.allocated)
@@ -834,7 +821,7 @@ _TorchNpu.is_current_stream_capturing = staticmethod(_is_current_stream_capturin
 
 def _require() -> _Emulator:
     if _emulator is None:
-        raise RuntimeError("the npu emulator is not installed: call st_npu.testing.emulator.install() first")
+        raise RuntimeError("the npu emulator is not installed: call st_npu.emulator.backend.install() first")
     return _emulator
 
 
@@ -860,18 +847,6 @@ def _index(device: _DeviceLike | None) -> int:
 def _check_limit(limit_bytes: int | None) -> None:
     if limit_bytes is not None and limit_bytes < 0:
         raise ValueError(f"memory limit must be a byte count >= 0 or None, got {limit_bytes}")
-
-
-def _env_int(environ: Mapping[str, str], name: str, minimum: int) -> int:
-    value = environ[name]
-    message = f"{name} must be an integer >= {minimum}, got {value!r}"
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(message) from None
-    if number < minimum:
-        raise ValueError(message)
-    return number
 
 
 def _refuse_real_torch_npu() -> None:
