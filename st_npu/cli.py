@@ -3,7 +3,8 @@
 This is the top of the package: it builds the parser from the command table and hands each command to its module;
 nothing imports it. Nothing here imports torch: where torch_npu is installed without CANN, ``import torch`` fails,
 and the command must still explain that instead of printing a traceback. Exit codes: 0 success, 1 a check failed
-(``verify``, ``info`` with problems), 2 a usage or load error, 130 interrupted.
+(``verify``, ``info`` with problems) or an unexpected error (with its traceback), 2 a usage, device, input or
+model-folder error (one line), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from types import ModuleType
 
 from st_npu import __version__
 from st_npu.commands import COMMANDS
 from st_npu.errors import UsageError
+from st_npu.runtime.hints import load_failure_message
 
 
 def command_module(name: str) -> ModuleType:
@@ -41,17 +44,25 @@ def main(argv: list[str] | None = None) -> int:
         print("st-npu: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if _is_user_error(exc):
-            print(f"st-npu {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        message = user_error_message(exc)
+        if message is None:
+            traceback.print_exc()
+            return 1
+        print(f"st-npu {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
-def _is_user_error(exc: Exception) -> bool:
-    if isinstance(exc, (UsageError, ValueError, TypeError, OSError)):
-        return True
-    if isinstance(exc, RuntimeError) and ("torch_npu" in str(exc) or "backend extension" in str(exc)):
-        return True  # raised by `import torch` itself when torch_npu cannot load (see st_npu.runtime.hints)
-    from st_npu.runtime.devices import DeviceError
+def user_error_message(exc: Exception) -> str | None:
+    """The one line to show for an error the user can fix; None for anything else (a bug: show its traceback)."""
+    if isinstance(exc, UsageError):
+        return str(exc)
+    from st_npu.files.inputs import InputError
+    from st_npu.loading.folder import ModelFolderError, ModelNotFoundError
 
-    return isinstance(exc, DeviceError)
+    if isinstance(exc, (InputError, ModelFolderError, ModelNotFoundError)):
+        return str(exc)
+    # Only code that imported torch can raise a DeviceError: look it up without importing torch here.
+    devices = sys.modules.get("st_npu.runtime.devices")
+    if devices is not None and isinstance(exc, devices.DeviceError):
+        return str(exc)
+    return load_failure_message(exc)  # `import torch` itself fails where torch_npu cannot load

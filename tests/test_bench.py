@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -14,8 +15,9 @@ import pytest
 from conftest import needs_emulator
 
 from st_npu import cli
-
-from st_npu.evaluation import bench, report as bench_report, measure
+from st_npu.commands import bench as bench_command
+from st_npu.evaluation import bench, measure
+from st_npu.evaluation import report as bench_report
 
 BATCH_SIZES = (4, 8)
 LIMIT = 24
@@ -40,7 +42,7 @@ def cpu_run(tiny_cls, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(measure, "PEAK_MATMUL_SIZE", 128)
-        plot = folder / "plot.png" if bench.importlib.util.find_spec("matplotlib") else None
+        plot = folder / "plot.png" if importlib.util.find_spec("matplotlib") else None
         code, out = bench_cli("--model", tiny_cls, "--device", "cpu", "--batch-sizes", ",".join(map(str, BATCH_SIZES)),
                               "--limit", LIMIT, "--repeats", 2, "--json", folder / "report.json",
                               *(("--plot", plot) if plot else ()))
@@ -82,7 +84,7 @@ def test_cpu_rows_ratios_and_agreement(cpu_run):
 def test_plot_is_a_png(cpu_run):
     plot = cpu_run[3]
     if plot is None:
-        pytest.skip(f"matplotlib is not installed ({bench.PLOT_HINT})")
+        pytest.skip(f"matplotlib is not installed ({bench_report.PLOT_HINT})")
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
@@ -105,8 +107,8 @@ def test_emulated_npu_st_npu_compiles_nothing_after_warmup(tiny_cls, tmp_path):
 def test_a_wrong_st_npu_fails_the_run(tiny_cls, monkeypatch):
     load = bench.load_models
 
-    def reversed_rows(args):
-        stock, ours, device = load(args)
+    def reversed_rows(*args, **kwargs):
+        stock, ours, device = load(*args, **kwargs)
         encode = ours.encode
         monkeypatch.setattr(ours, "encode", lambda *a, **k: encode(*a, **k)[::-1])
         return stock, ours, device
@@ -126,14 +128,14 @@ def test_bad_batch_sizes_exit_2_naming_the_value(sizes, bad, capsys):
 def test_plot_without_matplotlib_exits_2_with_the_install_hint(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec then reports it missing
     assert cli.main(["bench", "--model", "unused", "--plot", str(tmp_path / "p.png")]) == 2
-    assert bench.PLOT_HINT in capsys.readouterr().err
+    assert bench_report.PLOT_HINT in capsys.readouterr().err
 
 
 # --- the pieces -------------------------------------------------------------------------------------------
 
 
 def test_parse_batch_sizes_sorts_and_drops_repeats():
-    assert bench.parse_batch_sizes("32, 8,1,8") == [1, 8, 32]
+    assert bench_command.parse_batch_sizes("32, 8,1,8") == [1, 8, 32]
 
 
 def test_seed_workload_repeats_the_sentences():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
 
-from st_npu.options import add_model_arguments, positive_int
+from st_npu.commands.options import add_model_arguments, check_device, check_output_folder, positive_int, write_json
+from st_npu.errors import UsageError
 
 HELP = "st_npu against stock sentence-transformers, side by side"
 
@@ -24,7 +27,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "(needs matplotlib)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from st_npu.evaluation.bench import run_bench
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,8,32"`` -> ``[1, 8, 32]`` (sorted, without repeats); anything else is a usage error naming the value."""
+    sizes = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1:
+            raise UsageError(f"--batch-sizes {text}: {item!r} is not a positive integer (use e.g. 1,8,32,128)")
+        sizes.add(int(item))
+    return sorted(sizes)
 
-    return run_bench(args)
+
+def run(args: argparse.Namespace) -> int:
+    """0 when st_npu agrees with stock at every batch size, 1 when it does not."""
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    check_output_folder("--json", args.json_path)
+    check_output_folder("--plot", args.plot)
+    check_device(args.device)
+    from st_npu.evaluation import bench, report
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"--plot needs matplotlib: {report.PLOT_HINT}")
+    workload = bench.load_workload(args.workload, args.limit)
+    results = bench.benchmark(args.model, workload, batch_sizes, device=args.device, dtype=args.dtype, spec=args.spec,
+                              repeats=args.repeats, use_graphs=args.graphs == "on")
+    print(report.format_report(results))
+    if args.json_path:
+        write_json(Path(args.json_path), results)
+    if args.plot:
+        report.plot(results, Path(args.plot))
+        print(f"plot: {args.plot}")
+    return 0 if results["agreement_passed"] else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from st_npu.commands.serve import add_server_arguments, device_list
-from st_npu.options import positive_int
+from st_npu.commands.options import positive_int
 
 HELP = "load test: the batching server against one-at-a-time"
 

@@ -8,7 +8,7 @@ import sys
 from st_npu.errors import UsageError
 from st_npu.files.inputs import DEFAULT_TEXT_FIELD, STDIN
 from st_npu.files.outputs import STDOUT, check_embeddings_output, write_embeddings
-from st_npu.options import add_model_arguments, load_model, positive_int
+from st_npu.commands.options import add_model_arguments, load_model, positive_int
 
 HELP = "embed texts and print or save the vectors"
 PREVIEW_ROWS = 3

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from st_npu.files.inputs import DEFAULT_TEXT_FIELD
-from st_npu.options import add_model_arguments, positive_int
+from st_npu.commands.options import add_model_arguments, positive_int
 
 HELP = "embed a whole corpus into resumable Parquet shards, on every local NPU or a Ray cluster"
 

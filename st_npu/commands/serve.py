@@ -10,7 +10,7 @@ import signal
 from typing import Any
 
 from st_npu.errors import UsageError
-from st_npu.options import add_model_arguments, positive_int
+from st_npu.commands.options import add_model_arguments, positive_int
 
 HELP = "an embedding server (OpenAI and TEI APIs) that batches requests"
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     require_serve_stack()
     import uvicorn
 
-    from st_npu.options import load_model
+    from st_npu.commands.options import load_model
     from st_npu.serve.app import Limits, create_app
     from st_npu.serve.batcher import Batcher
     from st_npu.serve.metrics import Metrics

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from st_npu.options import add_model_arguments
+from st_npu.commands.options import add_model_arguments, check_device, check_output_folder, write_json
 
 HELP = "accuracy on the device against a CPU float32 reference"
 
@@ -20,6 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from st_npu.evaluation.verify import run_verify
+    """0 passed (or reference saved), 1 failed; bad input raises for exit code 2."""
+    check_output_folder("--json", args.json_path)
+    check_output_folder("--save-reference", args.save_reference)
+    if not args.save_reference:  # saving never opens the target device
+        check_device(args.device)
+    from st_npu.evaluation import verify
 
-    return run_verify(args)
+    verify.check_threshold(args.threshold)
+    texts = verify.verify_texts(args.texts)
+    if args.save_reference:
+        metadata = verify.make_reference(args.model, texts, Path(args.save_reference), spec=args.spec,
+                                         texts_file=args.texts)
+        print(verify.format_saved(metadata, args.save_reference))
+        if args.device or args.dtype:
+            print("  note      --device and --dtype are not used: the reference is always the CPU in float32")
+        if args.json_path:
+            write_json(Path(args.json_path), metadata)
+        return 0
+    report = verify.check_model(args.model, texts, device=args.device, dtype=args.dtype, spec=args.spec,
+                                threshold=args.threshold, reference_path=args.reference, texts_file=args.texts)
+    print(verify.format_report(report))
+    if args.json_path:
+        write_json(Path(args.json_path), report)
+    return 0 if report["passed"] else 1

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from st_npu.errors import InvalidValueError
 from st_npu.loading.fingerprint import identity_differences
 from st_npu.files.outputs import atomic_file
 
@@ -24,9 +25,9 @@ def load(folder: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is damaged ({exc}); rerun with --overwrite to start over") from None
+        raise InvalidValueError(f"{path} is damaged ({exc}); rerun with --overwrite to start over") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} was not written by st-npu embed-corpus ({FORMAT}); use another --output folder")
+        raise InvalidValueError(f"{path} was not written by st-npu embed-corpus ({FORMAT}); use another --output folder")
     return manifest
 
 

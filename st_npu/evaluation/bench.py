@@ -33,10 +33,7 @@ under ``MIN_CENTERED_COSINE``, so a fast but wrong st_npu cannot pass unnoticed.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import importlib.util
-import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -48,11 +45,9 @@ import numpy as np
 import torch
 
 from st_npu.evaluation import measure
-from st_npu.evaluation.report import PLOT_HINT, format_report, plot
 from st_npu.errors import UsageError
 from st_npu.evaluation.measure import compile_counter, matmul_peak_flops, memory_meter, percentile, synchronize
 from st_npu.runtime.emulation import is_emulated
-from st_npu.files.outputs import atomic_file
 
 MODELS = ("stock", "st_npu")
 STOCK_DTYPE = torch.float32
@@ -68,6 +63,7 @@ class Workload:
     name: str
     texts: list[str]
     calls: int = 1
+    limit: int | None = None  # the --limit that cut it short
 
 
 @dataclass
@@ -84,26 +80,17 @@ class PassResult:
     batches: int = 0
 
 
-# --- arguments and workloads ------------------------------------------------------------------------------
-
-
-def parse_batch_sizes(text: str) -> list[int]:
-    """``"1,8,32"`` -> ``[1, 8, 32]`` (sorted, without repeats); anything else is a usage error naming the value."""
-    sizes = set()
-    for item in text.split(","):
-        item = item.strip()
-        if not item.isdigit() or int(item) < 1:
-            raise UsageError(f"--batch-sizes {text}: {item!r} is not a positive integer (use e.g. 1,8,32,128)")
-        sizes.add(int(item))
-    return sorted(sizes)
+# --- workloads ---------------------------------------------------------------------------------------------
 
 
 def load_workload(name: str, limit: int | None = None) -> Workload:
     from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
-    if name == "seed":
-        return Workload("seed", seed_sentences()[:limit], calls=SEED_CALLS)
-    return Workload("mixed", mixed_corpus(limit))
+    workload = (Workload("seed", seed_sentences()[:limit], SEED_CALLS, limit) if name == "seed" else
+                Workload("mixed", mixed_corpus(limit), 1, limit))
+    if not workload.texts:
+        raise UsageError(f"--limit {limit} leaves no texts of the {name} workload")
+    return workload
 
 
 def count_tokens(model: Any, texts: Sequence[str]) -> list[int]:
@@ -215,23 +202,24 @@ def agreement(stock: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
 # --- loading ----------------------------------------------------------------------------------------------
 
 
-def load_models(args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
-    """Stock (float32) and st_npu (``--dtype``) on the same folder and device."""
+def load_models(model: str, device: str | None, dtype: str | None, spec: str | None = None,
+                use_graphs: bool = True) -> tuple[Any, Any, torch.device]:
+    """Stock (float32) and st_npu (``dtype``) on the same folder and device."""
     import sentence_transformers
 
-    from st_npu.runtime.devices import resolve_device
+    from st_npu import SentenceTransformer
     from st_npu.loading.folder import resolve_model_path
-    from st_npu.options import load_model
+    from st_npu.runtime.devices import resolve_device
 
-    device = resolve_device(args.device)
-    ours = load_model(args, device=str(device))
-    if getattr(args, "graphs", None) == "off":
+    resolved = resolve_device(device)
+    ours = SentenceTransformer(model, device=str(resolved), dtype=dtype, spec=spec)
+    if not use_graphs:
         from st_npu.engine import graphs
 
         graphs.disable(ours)
-    stock = sentence_transformers.SentenceTransformer(str(resolve_model_path(args.model)), device=str(device))
+    stock = sentence_transformers.SentenceTransformer(str(resolve_model_path(model)), device=str(resolved))
     stock.to(STOCK_DTYPE)  # a half-precision checkpoint may load in its own dtype
-    return stock, ours, device
+    return stock, ours, resolved
 
 
 def dtype_of(model: Any) -> torch.dtype:
@@ -284,30 +272,28 @@ def timed_passes(models: dict[str, Any], workload: Workload, batch_size: int, re
     return passes
 
 
-# --- the command ------------------------------------------------------------------------------------------
+# --- the whole run --------------------------------------------------------------------------------------
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """``st-npu bench``: 0 when st_npu agrees with stock at every batch size, 1 when it does not."""
-    batch_sizes = parse_batch_sizes(args.batch_sizes)
-    _check_outputs(args)
-    workload = load_workload(args.workload, args.limit)
-    if not workload.texts:
-        raise UsageError(f"--limit {args.limit} leaves no texts of the {args.workload} workload")
-    stock, ours, device = load_models(args)
+def benchmark(model: str, workload: Workload, batch_sizes: Sequence[int], *, device: str | None = None,
+              dtype: str | None = None, spec: str | None = None, repeats: int = 1,
+              use_graphs: bool = True) -> dict[str, Any]:
+    """What ``st-npu bench`` runs: both models over ``workload`` at each batch size; the report as plain data,
+    whose ``agreement_passed`` says whether st_npu agreed with stock at every batch size."""
+    stock, ours, resolved = load_models(model, device, dtype, spec, use_graphs)
     models = {"stock": stock, "st_npu": ours}
     dtypes = {name: dtype_of(model) for name, model in models.items()}
     tokens = sum(count_tokens(stock, workload.texts)) * workload.calls
     texts = len(workload.texts) * workload.calls
-    peaks = {dtype: matmul_peak_flops(device, dtype, measure.PEAK_MATMUL_SIZE) for dtype in set(dtypes.values())}
+    peaks = {dtype: matmul_peak_flops(resolved, dtype, measure.PEAK_MATMUL_SIZE) for dtype in set(dtypes.values())}
     flops_per_token = 2 * non_embedding_parameters(stock)
 
-    warmup = warm_up(models, workload, batch_sizes)
+    warmup = warm_up(models, workload, list(batch_sizes))
 
     rows, checks = [], []
-    with _progress(len(batch_sizes) * args.repeats * len(models)) as progress:
+    with _progress(len(batch_sizes) * repeats * len(models)) as progress:
         for batch_size in batch_sizes:
-            passes = timed_passes(models, workload, batch_size, args.repeats, device, progress)
+            passes = timed_passes(models, workload, batch_size, repeats, resolved, progress)
             summary = {name: summarize(passes[name], texts, tokens, flops_per_token, peaks[dtypes[name]])
                        for name in models}
             for name in models:
@@ -316,25 +302,9 @@ def run_bench(args: argparse.Namespace) -> int:
             checks.append({"batch_size": batch_size,
                            **agreement(passes["stock"][-1].embeddings, passes["st_npu"][-1].embeddings)})
 
-    report = _report(args, device, dtypes, workload, texts, tokens, peaks, flops_per_token, warmup, rows, checks)
-    report["model_name"] = model_name(args.model, ours.model_spec)
-    print(format_report(report))
-    if args.json_path:
-        with atomic_file(Path(args.json_path)) as handle:
-            handle.write(json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
-    if args.plot:
-        plot(report, Path(args.plot))
-        print(f"plot: {args.plot}")
-    return 0 if report["agreement_passed"] else 1
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Refuse, before any work, outputs that could not be written at the end."""
-    for option, value in (("--json", args.json_path), ("--plot", args.plot)):
-        if value and not Path(value).resolve().parent.is_dir():
-            raise UsageError(f"{option} {value}: folder {Path(value).resolve().parent} does not exist")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(f"--plot needs matplotlib: {PLOT_HINT}")
+    return {"model_name": model_name(model, ours.model_spec),
+            **_report(model, resolved, dtypes, workload, texts, tokens, peaks, flops_per_token, warmup, repeats,
+                      rows, checks)}
 
 
 def _progress(total: int) -> Any:
@@ -356,22 +326,22 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _report(args: argparse.Namespace, device: torch.device, dtypes: dict[str, torch.dtype], workload: Workload,
-            texts: int, tokens: int, peaks: dict[torch.dtype, float], flops_per_token: int,
-            warmup: dict[str, Any] | None, rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> dict[str, Any]:
+def _report(model: str, device: torch.device, dtypes: dict[str, torch.dtype], workload: Workload, texts: int,
+            tokens: int, peaks: dict[torch.dtype, float], flops_per_token: int, warmup: dict[str, Any] | None,
+            repeats: int, rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> dict[str, Any]:
     from st_npu.runtime.devices import cpu_bf16_units, cpu_name
     from st_npu.evaluation.verify import versions
 
     return {
-        "model": args.model,
+        "model": model,
         "cpu": {"name": cpu_name(), "bf16_units": cpu_bf16_units()},
         "device": str(device),
         "emulated": is_emulated(device),
         "threads": torch.get_num_threads(),
         "dtypes": {name: _name(dtype) for name, dtype in dtypes.items()},
         "workload": {"name": workload.name, "texts_per_call": len(workload.texts), "calls_per_pass": workload.calls,
-                     "texts_per_pass": texts, "tokens_per_pass": tokens, "limit": args.limit},
-        "repeats": args.repeats,
+                     "texts_per_pass": texts, "tokens_per_pass": tokens, "limit": workload.limit},
+        "repeats": repeats,
         "pass_chosen": "best (shortest time)",
         "matmul_peak_flops": {_name(dtype): flops for dtype, flops in peaks.items()},
         "matmul_peak_size": measure.PEAK_MATMUL_SIZE,

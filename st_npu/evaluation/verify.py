@@ -5,15 +5,15 @@ on the target and on the CPU in float32, then compared by per-text cosine, the P
 cosine-similarity matrices and each text's top-5 nearest neighbours. It passes when the error rate,
 (1 - mean cosine) x 100, is under the threshold (percent) and the Pearson correlation is at least 0.99.
 
-The math lives in small pure functions on numpy arrays; :func:`verify` is the library entry point and
-:func:`run_verify` the command. A CPU reference can be saved on one machine (``--save-reference``) and used on
+The math lives in small pure functions on numpy arrays; :func:`verify` is the library entry point, and
+:func:`check_model` / :func:`make_reference` are what ``st-npu verify`` runs (its module turns options into their
+parameters). A CPU reference can be saved on one machine (``--save-reference``) and used on
 another (``--reference``): an ``.npz`` archive without pickles holding the embeddings and JSON metadata that
 identifies the model by the content of its files and the texts by their hash, so neither can silently differ.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -25,14 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from st_npu.runtime.doctor import installed_version
-from st_npu.errors import UsageError
+from st_npu.errors import InvalidValueError
+from st_npu.evaluation.workloads import seed_sentences
+from st_npu.files.inputs import read_texts
+from st_npu.files.outputs import atomic_file
 from st_npu.loading.fingerprint import identity_differences, model_identity
 from st_npu.loading.folder import resolve_model_path
-from st_npu.files.inputs import read_texts
-from st_npu.options import load_model
-from st_npu.files.outputs import atomic_file
-from st_npu.evaluation.workloads import seed_sentences
+from st_npu.runtime.doctor import installed_version
 
 MIN_PEARSON = 0.99
 NEIGHBOURS = 5
@@ -102,7 +101,7 @@ def error_rate_percent(mean_cosine: float) -> float:
 
 def check_threshold(threshold: float) -> None:
     if not (math.isfinite(threshold) and threshold >= 0):
-        raise ValueError(f"threshold {threshold} % is not a valid error rate: use a number >= 0, e.g. 1.0")
+        raise InvalidValueError(f"threshold {threshold} % is not a valid error rate: use a number >= 0, e.g. 1.0")
 
 
 def failures(error_rate: float, pearson_value: float, threshold: float, min_pearson: float = MIN_PEARSON) -> list[str]:
@@ -186,9 +185,15 @@ def versions() -> dict[str, str | None]:
     }
 
 
+def load(model_name_or_path: str, device: str | None, dtype: str | None, spec: str | None = None) -> Any:
+    from st_npu import SentenceTransformer
+
+    return SentenceTransformer(model_name_or_path, device=device, dtype=dtype, spec=spec)
+
+
 def cpu_model(model_name_or_path: str, spec: str | None = None) -> Any:
     """The reference setup: a separate instance of the model on the CPU in float32."""
-    return load_model(argparse.Namespace(model=model_name_or_path, device="cpu", dtype="float32", spec=spec))
+    return load(model_name_or_path, "cpu", "float32", spec)
 
 
 def cpu_reference(model_name_or_path: str, texts: Sequence[str], spec: str | None = None) -> np.ndarray:
@@ -227,35 +232,39 @@ def save_reference(path: Path, embeddings: np.ndarray, metadata: dict[str, Any])
 
 
 def load_reference(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """The embeddings and metadata of a saved reference; anything else is refused with a ValueError."""
+    """The embeddings and metadata of a saved reference; anything else is refused with a ValueError (that is also a
+    :class:`UsageError`) naming the file."""
     not_reference = f"{path} is not a reference saved by st-npu verify --save-reference"
     try:
         archive = np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise InvalidValueError(f"--reference {path}: {exc.strerror or exc}") from None
     except (ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{not_reference} ({exc})") from None
+        raise InvalidValueError(f"{not_reference} ({exc})") from None
     if not hasattr(archive, "files") or {"embeddings", "metadata"} - set(archive.files):
-        raise ValueError(f"{not_reference} (it lacks the embeddings and metadata arrays)")
+        raise InvalidValueError(f"{not_reference} (it lacks the embeddings and metadata arrays)")
     with archive:
         embeddings, metadata_text = archive["embeddings"], str(archive["metadata"])
     try:
         metadata = json.loads(metadata_text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{not_reference} (its metadata is not JSON: {exc})") from None
+        raise InvalidValueError(f"{not_reference} (its metadata is not JSON: {exc})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != REFERENCE_FORMAT:
-        raise ValueError(f"{not_reference} (format {metadata.get('format') if isinstance(metadata, dict) else None!r}, "
-                         f"expected {REFERENCE_FORMAT!r})")
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise InvalidValueError(f"{not_reference} (format {found!r}, expected {REFERENCE_FORMAT!r})")
     if REFERENCE_KEYS - metadata.keys():
-        raise ValueError(f"{path} is damaged: its metadata lacks {', '.join(sorted(REFERENCE_KEYS - metadata.keys()))}")
+        missing = ", ".join(sorted(REFERENCE_KEYS - metadata.keys()))
+        raise InvalidValueError(f"{path} is damaged: its metadata lacks {missing}")
     if embeddings.shape != (metadata["count"], metadata["dimension"]):
-        raise ValueError(f"{path} is damaged: its embeddings have shape {embeddings.shape}, its metadata says "
-                         f"{metadata['count']} x {metadata['dimension']}")
+        raise InvalidValueError(f"{path} is damaged: its embeddings have shape {embeddings.shape}, its metadata "
+                                f"says {metadata['count']} x {metadata['dimension']}")
     return embeddings, metadata
 
 
 def check_same_texts(metadata: dict[str, Any], texts: Sequence[str], texts_file: str | None, path: str) -> None:
     if metadata["texts_sha256"] == texts_sha256(texts):
         return
-    raise ValueError(
+    raise InvalidValueError(
         f"--reference {path} holds other texts: {metadata['count']} texts "
         f"({_texts_source(metadata['texts_file'])}, sha256 {metadata['texts_sha256'][:12]}), this run has "
         f"{len(texts)} ({_texts_source(texts_file)}, sha256 {texts_sha256(texts)[:12]}). Pass the same --texts "
@@ -266,7 +275,7 @@ def check_same_texts(metadata: dict[str, Any], texts: Sequence[str], texts_file:
 def check_same_model(metadata: dict[str, Any], identity: dict[str, Any], path: str) -> None:
     differences = identity_differences(metadata["identity"], identity)
     if differences:
-        raise ValueError(f"--reference {path} was saved from another model ({metadata['model']}): "
+        raise InvalidValueError(f"--reference {path} was saved from another model ({metadata['model']}): "
                          f"{'; '.join(differences)}. Save a reference of this model with --save-reference.")
 
 
@@ -274,59 +283,50 @@ def _texts_source(texts_file: str | None) -> str:
     return f"the built-in 23 and {texts_file}" if texts_file else "the built-in 23"
 
 
-# --- the command ------------------------------------------------------------------------------------------
+# --- what st-npu verify runs -------------------------------------------------------------------------------
 
 
-def run_verify(args: argparse.Namespace) -> int:
-    """``st-npu verify``: 0 passed (or reference saved), 1 failed; bad input raises for exit code 2."""
-    check_threshold(args.threshold)
-    for option, value in (("--json", args.json_path), ("--save-reference", args.save_reference)):
-        if value and not Path(value).resolve().parent.is_dir():
-            raise UsageError(f"{option} {value}: folder {Path(value).resolve().parent} does not exist")
-    texts = verify_texts(args.texts)
-    if args.save_reference:
-        return _save(args, texts)
-
-    if args.reference:
-        reference, metadata = load_reference(args.reference)
-        check_same_texts(metadata, texts, args.texts, args.reference)
-        model = load_model(args)
-        check_same_model(metadata, model_identity(resolve_model_path(args.model), model.model_spec), args.reference)
-        source = {"source": args.reference, **{key: metadata[key] for key in ("device", "dtype", "versions")}}
+def check_model(model_name_or_path: str, texts: Sequence[str], *, device: str | None, dtype: str | None,
+                spec: str | None = None, threshold: float = 1.0, reference_path: str | None = None,
+                texts_file: str | None = None) -> dict[str, Any]:
+    """The full report for the model on ``device`` in ``dtype`` against the CPU float32 reference: computed now,
+    or loaded from ``reference_path`` (refused where its texts or model differ)."""
+    check_threshold(threshold)
+    if reference_path:
+        reference, metadata = load_reference(reference_path)
+        check_same_texts(metadata, texts, texts_file, reference_path)
+        model = load(model_name_or_path, device, dtype, spec)
+        check_same_model(metadata, model_identity(resolve_model_path(model_name_or_path), model.model_spec),
+                         reference_path)
+        source = {"source": reference_path, **{key: metadata[key] for key in ("device", "dtype", "versions")}}
     else:
-        model = load_model(args)  # first, so that a bad device fails before the reference is computed
-        reference = cpu_reference(args.model, texts, args.spec)
+        model = load(model_name_or_path, device, dtype, spec)  # first, so a bad device fails before the reference
+        reference = cpu_reference(model_name_or_path, texts, spec)
         source = {"source": "computed", "device": "cpu", "dtype": "float32"}
-    report = {"model": args.model, **verify(model, reference, texts, args.threshold), "reference": source,
-              "texts_file": args.texts, "versions": versions()}
-    print(format_report(report))
-    if args.json_path:
-        _write_json(Path(args.json_path), report)
-    return 0 if report["passed"] else 1
+    return {"model": model_name_or_path, **verify(model, reference, texts, threshold), "reference": source,
+            "texts_file": texts_file, "versions": versions()}
 
 
-def _save(args: argparse.Namespace, texts: list[str]) -> int:
-    model = cpu_model(args.model, args.spec)
+def make_reference(model_name_or_path: str, texts: Sequence[str], path: Path, *, spec: str | None = None,
+                   texts_file: str | None = None) -> dict[str, Any]:
+    """Compute the CPU float32 reference of ``texts``, save it to ``path`` and return its metadata."""
+    model = cpu_model(model_name_or_path, spec)
     embeddings = encode(model, texts)
-    identity = model_identity(resolve_model_path(args.model), model.model_spec)
-    metadata = reference_metadata(args.model, identity, texts, args.texts, embeddings)
-    save_reference(Path(args.save_reference), embeddings, metadata)
-    print(f"saved the CPU float32 reference of {args.model} to {args.save_reference}")
-    print(f"  texts     {len(texts)} ({_texts_source(args.texts)}), dimension {embeddings.shape[1]}")
-    print(f"  model     {len(identity['files'])} files hashed, spec {identity['spec'] or 'none'}")
-    if args.device or args.dtype:
-        print("  note      --device and --dtype are not used: the reference is always the CPU in float32")
-    texts_option = f" --texts {args.texts}" if args.texts else ""
-    print(f"  use it    st-npu verify --model {args.model} --device npu{texts_option} "
-          f"--reference {args.save_reference}")
-    if args.json_path:
-        _write_json(Path(args.json_path), metadata)
-    return 0
+    identity = model_identity(resolve_model_path(model_name_or_path), model.model_spec)
+    metadata = reference_metadata(model_name_or_path, identity, texts, texts_file, embeddings)
+    save_reference(path, embeddings, metadata)
+    return metadata
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    with atomic_file(path) as handle:
-        handle.write(json.dumps(content, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+def format_saved(metadata: dict[str, Any], path: str) -> str:
+    """What ``--save-reference`` prints: what was saved and the command that uses it."""
+    texts_option = f" --texts {metadata['texts_file']}" if metadata["texts_file"] else ""
+    return "\n".join([
+        f"saved the CPU float32 reference of {metadata['model']} to {path}",
+        f"  texts     {metadata['count']} ({_texts_source(metadata['texts_file'])}), dimension {metadata['dimension']}",
+        f"  model     {len(metadata['identity']['files'])} files hashed, spec {metadata['identity']['spec'] or 'none'}",
+        f"  use it    st-npu verify --model {metadata['model']} --device npu{texts_option} --reference {path}",
+    ])
 
 
 def _preview(text: str, width: int = 40) -> str:

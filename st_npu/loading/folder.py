@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from st_npu.errors import InvalidValueError
 from st_npu.loading import data as _data
 from st_npu.loading.data import CONFIG_DIR, load_config
 
@@ -122,7 +123,7 @@ class UnrecognisedModelWarning(UserWarning):
 def spec_by_name(name: str) -> dict[str, Any]:
     spec = find_spec(name)
     if spec is None:
-        raise ValueError(f"No known-model spec named {name!r}; known: {', '.join(s['name'] for s in known_specs())}.")
+        raise InvalidValueError(f"No known-model spec named {name!r}; known: {', '.join(s['name'] for s in known_specs())}.")
     return spec
 
 

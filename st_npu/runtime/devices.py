@@ -17,7 +17,8 @@ from types import ModuleType
 
 import torch
 
-from st_npu.runtime.hints import INSTALL_HINT, explain_torch_npu_failure
+from st_npu.errors import InvalidValueError
+from st_npu.runtime.hints import explain_torch_npu_failure, not_installed_message
 
 ACCELERATOR_TYPES = ("npu", "cuda", "mps", "xpu")
 KNOWN_TYPES = ("auto", "cpu", *ACCELERATOR_TYPES)
@@ -45,10 +46,7 @@ def load_torch_npu() -> ModuleType:
     if "torch_npu" in sys.modules:
         return sys.modules["torch_npu"]
     if importlib.util.find_spec("torch_npu") is None:
-        raise DeviceError(
-            f"An NPU was requested but torch_npu is not installed. Install it with "
-            f"{INSTALL_HINT.format(torch=torch.__version__.split('+')[0])}."
-        )
+        raise DeviceError(not_installed_message(torch.__version__))
     try:
         return importlib.import_module("torch_npu")
     except (ImportError, OSError, RuntimeError) as exc:
@@ -145,7 +143,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.strip().lower().removeprefix("torch.")]
-    raise ValueError(f"Unsupported dtype {dtype!r}: use float32, float16 or bfloat16 (or the torch dtypes).")
+    raise InvalidValueError(f"Unsupported dtype {dtype!r}: use float32, float16 or bfloat16 (or the torch dtypes).")
 
 
 def cpu_name() -> str:

@@ -88,3 +88,10 @@ def environment_problem(environ: Mapping[str, str] = os.environ) -> str | None:
     from st_npu.emulator import settings
 
     return settings.env_problem(environ)
+
+
+def requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this environment asks for the emulated npu (``ST_NPU_EMULATE`` set), read without installing it."""
+    from st_npu.emulator import settings
+
+    return bool(environ.get(settings.ENV))

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from st_npu.errors import InvalidValueError
 from st_npu.engine import graphs
 from st_npu.engine.static_shapes import ShapePolicy, policy_of
 
@@ -58,7 +59,7 @@ class Batcher:
         self.models = models
         self.max_seq_length = models[0].max_seq_length
         if max_batch_tokens < self.max_seq_length:
-            raise ValueError(f"--max-batch-tokens ({max_batch_tokens}) must be at least the model's maximum input "
+            raise InvalidValueError(f"--max-batch-tokens ({max_batch_tokens}) must be at least the model's maximum input "
                              f"length ({self.max_seq_length}), or a long text could never run")
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
