@@ -12,9 +12,11 @@ import platform
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+from st_npu.runtime import emulation
 from st_npu.runtime.hints import CANN_HINT, INSTALL_HINT
 
 # TORCH_DEVICE_BACKEND_AUTOLOAD=0 only lets `import torch` through: transformers still imports torch_npu as soon
@@ -28,6 +30,22 @@ REPORTED_ENV = ("ASCEND_RT_VISIBLE_DEVICES", "TORCH_DEVICE_BACKEND_AUTOLOAD", "T
 PACKAGES = ("torch", "torch-npu", "sentence-transformers", "transformers", "tokenizers", "huggingface-hub", "st-npu")
 # Probe run with autoload off: it shows why torch_npu itself fails once torch no longer hides it.
 TORCH_NPU_PROBE = "import torch, torch_npu; print(torch.npu.device_count())"
+# What each optional extra of st-npu enables; its packages come from the installed st-npu's own metadata.
+EXTRAS = {
+    "npu": "the real Ascend NPU (torch_npu)",
+    "serve": "st-npu serve and st-npu bench-serve (HTTP server, metrics, benchmark client)",
+    "corpus": "st-npu embed-corpus: .parquet/.csv/.tsv input and Parquet shards",
+    "ray": "st-npu embed-corpus --engine ray (Ray Data over many machines)",
+    "bench": "st-npu bench's mixed workload (Chinese texts) and --plot",
+}
+# The fix for each variable that the emulated npu reads; a problem's message starts with its variable's name.
+EMULATOR_FIXES = {
+    "ST_NPU_EMULATE_MEMORY_LIMIT": "set ST_NPU_EMULATE_MEMORY_LIMIT to a byte count (e.g. 1073741824) or unset it",
+    "ST_NPU_EMULATE": "set ST_NPU_EMULATE to a device count (e.g. ST_NPU_EMULATE=2), or unset it for no emulated npu",
+    "ASCEND_RT_VISIBLE_DEVICES": "list existing device indexes once each (e.g. ASCEND_RT_VISIBLE_DEVICES=0,1), or "
+                                 "unset it to see every device",
+}
+REQUIREMENT = re.compile(r"^([A-Za-z0-9._-]+)[^;]*;.*extra\s*==\s*['\"]([\w-]+)['\"]")
 
 
 
@@ -63,13 +81,19 @@ def collect() -> dict[str, Any]:
     version, where = cann_version()
     report["versions"]["CANN"] = version
     report["cann_searched"] = where
+    report["extras"] = extras()
     problems = report["problems"]
+    emulator_problem = emulation.environment_problem()
+    if emulator_problem:
+        problems.append(emulator_variable_problem(emulator_problem))
     try:
-        import torch
+        with warnings.catch_warnings():  # the emulator's autoload warns of the problem just reported
+            if emulator_problem:
+                warnings.filterwarnings("ignore", "the emulated npu is not installed", RuntimeWarning)
+            import torch
     except Exception as exc:  # torch_npu's autoload raises RuntimeError from inside `import torch`
         problems.append(_torch_import_problem(exc))
         return report
-    _emulator_from_env(problems)
     report["devices"]["cpu"] = {"count": 1, "note": f"{os.cpu_count()} cores"}
     if torch.cuda.is_available():
         report["devices"]["cuda"] = {"count": torch.cuda.device_count(),
@@ -96,13 +120,27 @@ def _torch_import_problem(exc: BaseException) -> dict[str, str]:
             "fix": f"{CANN_HINT}; or, to use torch on the CPU here, {NO_NPU_HINT}"}
 
 
-def _emulator_from_env(problems: list[dict[str, str]]) -> None:
-    from st_npu.runtime import emulation
+def emulator_variable_problem(problem: str) -> dict[str, str]:
+    """A problem with the emulated npu's variables, with the fix for the variable it names."""
+    variable = next(name for name in (*EMULATOR_FIXES, "") if problem.startswith(name))
+    fix = EMULATOR_FIXES.get(variable, "unset ST_NPU_EMULATE for no emulated npu")
+    return {"problem": f"the emulated npu cannot start: {problem}", "fix": fix}
 
+
+def extras() -> dict[str, dict[str, Any]]:
+    """Each optional extra of st-npu: what it enables, its packages, and which of them are missing here."""
     try:
-        emulation.install_from_env()
-    except (ValueError, RuntimeError) as exc:
-        problems.append({"problem": f"ST_NPU_EMULATE: {exc}", "fix": "unset ST_NPU_EMULATE or set it to a device count"})
+        requirements = importlib.metadata.requires("st-npu") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that pip never installed
+        requirements = []
+    packages: dict[str, list[str]] = {name: [] for name in EXTRAS}
+    for requirement in requirements:
+        match = REQUIREMENT.match(requirement)
+        if match and match.group(2) in packages:
+            packages[match.group(2)].append(match.group(1))
+    return {name: {"enables": EXTRAS[name], "packages": packages[name],
+                   "missing": [package for package in packages[name] if installed_version(package) is None]}
+            for name in EXTRAS if packages[name]}
 
 
 def _npu_runtime() -> dict[str, str]:
@@ -166,6 +204,11 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("runtime"):
         lines.append("npu runtime")
         lines += [f"  {name:<20} {value}" for name, value in report["runtime"].items()]
+    if report["extras"]:
+        lines.append('extras                 pip install "st-npu[EXTRA]" adds one')
+        for name, extra in report["extras"].items():
+            state = f"missing {', '.join(extra['missing'])}" if extra["missing"] else "installed"
+            lines.append(f"  {name:<8} {state:<30} {extra['enables']}")
     if report["environment"]:
         lines.append("environment")
         lines += [f"  {name}={value}" for name, value in report["environment"].items()]
