@@ -19,23 +19,17 @@ What the patch changes (``PatchHandle.changes``), and how each is restored:
   through it too.
 
 Nothing else: no torch globals, no module-level functions, nothing in torch_npu. ``patch()`` is also a context
-manager, and ``st-npu run script.py`` runs a script with it active (``run_script``).
+manager, and ``st-npu run script.py`` runs a script with it active (:mod:`st_npu.commands.run`).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
-import os
-import runpy
-import sys
 import threading
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -245,68 +239,3 @@ def _patched_start(original: Callable[..., dict]) -> Callable[..., dict]:
         return start_pool(target_devices, functools.partial(original, self))
 
     return start_multi_process_pool
-
-
-# --- st-npu run ----------------------------------------------------------------------------------------------
-
-
-def run_script(script: str, args: list[str]) -> int:
-    """Run ``script`` as ``__main__`` with ``sys.argv == [script, *args]`` and the patch active; its exit code.
-
-    ``sys.exit(code)`` gives ``code``; an uncaught exception prints its traceback and gives 1, as ``python``
-    does. ``sys.argv``, ``sys.path`` and the patch are restored afterwards.
-    """
-    path = Path(script)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such script: {script}")
-    # As `python script.py` does, for the script's own imports.
-    return _run_as_main(lambda: runpy.run_path(script, run_name="__main__"), [script, *args],
-                        str(path.resolve().parent), os.path.abspath(script))
-
-
-def run_module(module: str, args: list[str]) -> int:
-    """``python -m module args`` with the patch active: the module runs as ``__main__``, the current folder first
-    on ``sys.path``; exit code and restoration as :func:`run_script`."""
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        raise ModuleNotFoundError(f"no module named {module!r}")
-    origin = spec.origin if spec.submodule_search_locations is None else None
-    return _run_as_main(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True),
-                        [origin or module, *args], os.getcwd(), origin)
-
-
-def _run_as_main(run: Callable[[], object], argv: list[str], path_entry: str, main_file: str | None) -> int:
-    saved_argv, saved_path = sys.argv, sys.path[:]
-    sys.argv = argv
-    sys.path.insert(0, path_entry)
-    try:
-        with patch():
-            run()
-        return 0
-    except SystemExit as exit_request:
-        return _exit_status(exit_request.code)
-    except Exception as exc:
-        _print_user_traceback(exc, main_file)
-        return 1
-    finally:
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
-
-
-def _exit_status(code: object) -> int:
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)  # sys.exit("message"): Python prints it and exits with 1
-    return 1
-
-
-def _print_user_traceback(exc: Exception, main_file: str | None) -> None:
-    # Start at the user's first frame, as `python script.py` would, hiding st_npu's and runpy's frames; a
-    # SyntaxError has no such frame and prints as Python prints it, without a traceback.
-    tb = exc.__traceback__
-    if main_file is not None:
-        while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != main_file:
-            tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,7 +140,15 @@ def test_a_bad_count_reads_as_must_be_a_positive_integer(capsys):
     assert "must be a positive integer, got 'zero'" in err and "_positive_int" not in err
 
 
-def test_run_a_module_like_python_dash_m(tmp_path):
+def console_script(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
+    """``st-npu ARGS`` as its console script runs it: unlike ``python -m st_npu``, the current folder is not on
+    ``sys.path``."""
+    code = "import sys; del sys.path[0]; from st_npu.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, input=stdin, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_run_a_module_of_the_current_folder_like_python_dash_m(tmp_path):
     package = tmp_path / "mytool"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -148,10 +157,40 @@ def test_run_a_module_like_python_dash_m(tmp_path):
         "patched = hasattr(sentence_transformers.SentenceTransformer.__init__, '__wrapped__')\n"
         "print('args', sys.argv[1:], 'patched', patched)\n"
         "sys.exit(3)\n")
-    result = subprocess.run([sys.executable, "-m", "st_npu", "run", "-m", "mytool", "a", "--b"], capture_output=True,
-                            text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = console_script("run", "-m", "mytool", "a", "--b", "-m", "x", cwd=tmp_path)
     assert result.returncode == 3, result.stderr
-    assert "args ['a', '--b'] patched True" in result.stdout
+    assert "args ['a', '--b', '-m', 'x'] patched True" in result.stdout
+
+
+def test_run_passes_every_later_option_to_the_script_or_module(tmp_path):
+    result = console_script("run", "-m", "json.tool", "--indent", "1", cwd=tmp_path, stdin='{"a": [1]}')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == '{\n "a": [\n  1\n ]\n}\n'
+    (tmp_path / "show.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    result = console_script("run", "show.py", "--flag", "-h", "-m", "x", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == "['--flag', '-h', '-m', 'x']\n", result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "no_such_module"], "no module named 'no_such_module' (looked in"),
+    (["-m", "no_such_package.sub"], "no module named 'no_such_package.sub'"),
+    (["-m", "bare_package"], "'bare_package' is a package without a __main__ module"),
+    (["-m"], "-m needs a module name"),
+    ([], "needs a script or -m module"),
+    (["missing.py"], "no such script: missing.py"),
+])
+def test_run_reports_what_python_cannot_run_in_one_line(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "bare_package").mkdir()
+    (tmp_path / "bare_package" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    path = sys.path[:]
+    try:
+        assert cli.main(["run", *args]) == 2
+    finally:
+        sys.modules.pop("bare_package", None)
+    assert sys.path == path
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("st-npu run: error: ") and message in lines[0]
 
 
 def test_task_queue_hint_only_for_real_npus(monkeypatch):

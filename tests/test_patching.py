@@ -24,6 +24,8 @@ from sentence_transformers import util
 
 import st_npu
 from st_npu import patching
+from st_npu.commands import run as run_command
+from st_npu.errors import UsageError
 from st_npu.engine import static_shapes
 from st_npu.runtime.devices import DeviceError
 
@@ -258,7 +260,7 @@ def script(tmp_path, tiny_cls) -> Iterator[Path]:
 
 def test_run_script_in_process(script, capsys):
     before, argv, path = own_attributes(), sys.argv, sys.path[:]
-    assert patching.run_script(str(script), ["a", "--b"]) == 7
+    assert run_command.run_script(str(script), ["a", "--b"]) == 7
     out = capsys.readouterr().out
     assert f"argv {[str(script), 'a', '--b']}" in out
     assert "name __main__" in out and "device npu:0" in out
@@ -266,19 +268,19 @@ def test_run_script_in_process(script, capsys):
 
 
 def test_run_script_errors(script, capsys):
-    assert patching.run_script(str(script), ["--fail"]) == 1
+    assert run_command.run_script(str(script), ["--fail"]) == 1
     err = capsys.readouterr().err
     traceback = err[err.index("Traceback (most recent call last):"):]
     assert f'File "{script}", line 8' in traceback and "runpy" not in traceback and "st_npu" not in traceback
     assert "ValueError: the script failed" in err
-    assert patching.run_script(str(script), ["--message"]) == 1
+    assert run_command.run_script(str(script), ["--message"]) == 1
     assert capsys.readouterr().err.endswith("\nbye\n")
     broken = script.with_name("broken.py")
     broken.write_text("print('never'\n")
-    assert patching.run_script(str(broken), []) == 1
+    assert run_command.run_script(str(broken), []) == 1
     assert "SyntaxError" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="no such script"):
-        patching.run_script(str(script.with_name("missing.py")), [])
+    with pytest.raises(UsageError, match="no such script"):
+        run_command.run_script(str(script.with_name("missing.py")), [])
     assert own_attributes()["start_multi_process_pool"] == "<inherited>"
 
 
