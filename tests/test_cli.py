@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -10,11 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, needs_emulator, run_cli
+from conftest import REPO, needs_emulator, run_cli, run_python
 
 import st_npu
 from st_npu import cli
+from st_npu.commands import info as info_command
+from st_npu.errors import InvalidValueError, UsageError
 from st_npu.files import outputs
+from st_npu.files.inputs import InputError
+from st_npu.loading.folder import ModelFolderError, ModelNotFoundError
+from st_npu.runtime.devices import DeviceError
 
 
 @needs_emulator
@@ -202,3 +208,95 @@ def test_task_queue_hint_only_for_real_npus(monkeypatch):
     assert any("TASK_QUEUE_ENABLE=2" in hint for hint in doctor.collect()["hints"])
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "2")
     assert doctor.collect()["hints"] == []
+
+
+# --- errors: a usage problem is one line (exit 2); anything else is a bug and shows its traceback (exit 1) ------
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), TypeError("a bug"), OSError("a bug"), KeyError("a bug")])
+def test_an_unexpected_error_in_a_command_shows_its_traceback(monkeypatch, capsys, error):
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(info_command, "run", broken)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in err and f"{type(error).__name__}: " in err and "in broken" in err
+
+
+@pytest.mark.parametrize("error", [UsageError("a usage problem"), InvalidValueError("a bad value"),
+                                   InputError("texts.txt: line 3 is not valid UTF-8"),
+                                   ModelFolderError("modules.json is missing"), ModelNotFoundError("no such model"),
+                                   DeviceError("npu:9 does not exist")])
+def test_user_errors_are_one_line(monkeypatch, capsys, error):
+    def refuse(args):
+        raise error
+
+    monkeypatch.setattr(info_command, "run", refuse)
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err == f"st-npu info: error: {error}\n"
+
+
+def test_bad_values_stay_value_errors_for_library_callers(tiny_cls):
+    """Drop-in: the library raised ValueError for these before they became usage errors, and still does."""
+    with pytest.raises(ValueError, match="Unsupported dtype"):
+        st_npu.SentenceTransformer(str(tiny_cls), device="cpu", dtype="float8")
+    with pytest.raises(ValueError, match="No known-model spec"):
+        st_npu.SentenceTransformer(str(tiny_cls), device="cpu", spec="no/such-model")
+
+
+# --- a device that cannot exist is refused before the heavy imports --------------------------------------------
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ST_NPU_EMULATE": ""}, "An NPU was requested but torch_npu is not installed. Install it with pip install"),
+    ({"ST_NPU_EMULATE": "abc"}, "--device npu: the emulated npu cannot start: ST_NPU_EMULATE must be an integer"),
+    ({"ST_NPU_EMULATE": "2", "ASCEND_RT_VISIBLE_DEVICES": "0,7"}, "ASCEND_RT_VISIBLE_DEVICES='0,7': device 7"),
+])
+def test_npu_without_torch_npu_is_refused_before_torch_is_imported(tiny_cls, env, message):
+    """Shown by what is imported, not by timing: torch, transformers and sentence-transformers never load."""
+    try:
+        pytest.skip(f"torch-npu {importlib.metadata.version('torch-npu')} is installed here")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    code = ("import sys\nfrom st_npu import cli\n"
+            f"code = cli.main(['embed', '--model', {str(tiny_cls)!r}, '--text', 'hi', '--device', 'npu'])\n"
+            "print(code, sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))\n")
+    result = run_python(code, env=env)
+    assert result.stdout == "2 []\n", result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# --- st-npu info --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, variable, fix", [
+    ({"ST_NPU_EMULATE": "abc"}, "ST_NPU_EMULATE must be an integer >= 1, got 'abc'", "set ST_NPU_EMULATE to a device"),
+    ({"ST_NPU_EMULATE": "2", "ST_NPU_EMULATE_MEMORY_LIMIT": "lots"}, "ST_NPU_EMULATE_MEMORY_LIMIT must be an integer",
+     "set ST_NPU_EMULATE_MEMORY_LIMIT to a byte count"),
+    ({"ST_NPU_EMULATE": "2", "ASCEND_RT_VISIBLE_DEVICES": "0,x"}, "ASCEND_RT_VISIBLE_DEVICES='0,x': 'x' is not a",
+     "list existing device indexes once each"),
+])
+def test_info_names_a_bad_emulator_variable_and_its_fix(env, variable, fix):
+    result = run_cli("info", env=env)
+    assert result.returncode == 1 and result.stderr == ""  # no traceback, no warning repeating the problem
+    problems = result.stdout[result.stdout.index("\nproblems\n"):]
+    assert f"  - the emulated npu cannot start: {variable}" in problems and f"    fix: {fix}" in problems
+
+
+def test_info_lists_each_extra_what_it_enables_and_what_is_missing(monkeypatch):
+    from st_npu.runtime import doctor
+
+    requirements = importlib.metadata.requires("st-npu")
+    extras = doctor.extras()
+    assert set(extras) == set(doctor.EXTRAS)
+    assert "pyarrow" in extras["corpus"]["packages"] and {"fastapi", "uvicorn"} <= set(extras["serve"]["packages"])
+    for extra in extras.values():
+        assert all(any(r.startswith(package) for r in requirements) for package in extra["packages"])
+    installed = doctor.installed_version
+    monkeypatch.setattr(doctor, "installed_version", lambda name: None if name == "pyarrow" else installed(name))
+    report = doctor.collect()
+    assert report["extras"]["corpus"]["missing"] == ["pyarrow"] and "pyarrow" in report["extras"]["ray"]["missing"]
+    lines = doctor.format_report(report).splitlines()
+    corpus = next(line for line in lines if line.startswith("  corpus "))
+    assert "missing pyarrow" in corpus and "st-npu embed-corpus" in corpus
