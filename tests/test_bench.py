@@ -18,6 +18,7 @@ from st_npu import cli
 from st_npu.commands import bench as bench_command
 from st_npu.evaluation import bench, measure
 from st_npu.evaluation import report as bench_report
+from st_npu.runtime.devices import cpu_bf16_units
 
 BATCH_SIZES = (4, 8)
 LIMIT = 24
@@ -86,6 +87,16 @@ def test_plot_is_a_png(cpu_run):
     if plot is None:
         pytest.skip(f"matplotlib is not installed ({bench_report.PLOT_HINT})")
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_cpu_and_its_bf16_units_are_in_the_output_and_the_plot_title(cpu_run):
+    _, out, report, plot = cpu_run
+    units = report["cpu"]["bf16_units"]
+    line = f"{report['cpu']['name']}; bf16 units: {units or 'none (bf16 emulated)'}"
+    assert units == cpu_bf16_units() and f"  cpu         {line}\n" in out
+    if plot is None:
+        pytest.skip(f"matplotlib is not installed ({bench_report.PLOT_HINT})")
+    assert bench_report.draw(report).get_suptitle().splitlines()[-1] == line
 
 
 @needs_emulator

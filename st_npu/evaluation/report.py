@@ -38,6 +38,11 @@ def _number(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def cpu_line(cpu: dict[str, Any]) -> str:
+    """The CPU and its bf16 units: a bf16 figure reads right only beside them (without, torch emulates bf16)."""
+    return f"{cpu['name']}; bf16 units: {cpu['bf16_units'] or 'none (bf16 emulated)'}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     workload, dtypes, warmup = report["workload"], report["dtypes"], report["warmup"]
     calls = f" x {workload['calls_per_pass']} calls" if workload["calls_per_pass"] > 1 else ""
@@ -55,7 +60,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"st-npu bench: {report['model_name']} ({report['model']}) on {report['device']}"
         + (emulated if report["emulated"] else ""),
         f"  models      stock {dtypes['stock']} vs st_npu {dtypes['st_npu']}, {report['threads']} CPU threads",
-        f"  cpu         {report['cpu']['name']}; bf16 units: {report['cpu']['bf16_units'] or 'none (bf16 emulated)'}",
+        f"  cpu         {cpu_line(report['cpu'])}",
         f"  workload    {workload['name']}: {workload['texts_per_call']} texts{calls}, "
         + f"{workload['tokens_per_pass']:,} real tokens per pass",
         f"  passes      {report['repeats']} per model and batch size, alternating; rows show the fastest pass, "
@@ -82,7 +87,15 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Three panels against batch size: sentences/s of both models, st_npu's speed-up, and batch latency p50/p95."""
+    """Draw the report (see :func:`draw`) to a PNG file."""
+    figure = draw(report)
+    with atomic_file(path) as handle:
+        figure.savefig(handle, format="png")
+
+
+def draw(report: dict[str, Any]) -> Any:
+    """A matplotlib figure of three panels against batch size: sentences/s of both models, st_npu's speed-up, and
+    batch latency p50/p95; its title names the CPU and its bf16 units."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -115,8 +128,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axes.set_xticks(sizes, [str(size) for size in sizes])
         axes.legend(fontsize="small")
     device = f"{report['device']} (emulated npu: CPU times, not Ascend's)" if report["emulated"] else report["device"]
-    figure.suptitle(f"{report['model_name']} on {device}, {report['cpu']['name']}: st_npu "
-                    f"{report['dtypes']['st_npu']} vs stock {report['dtypes']['stock']}, "
-                    f"{report['workload']['name']} workload")
-    with atomic_file(path) as handle:
-        figure.savefig(handle, format="png")
+    figure.suptitle(f"{report['model_name']} on {device}: st_npu {report['dtypes']['st_npu']} vs stock "
+                    f"{report['dtypes']['stock']}, {report['workload']['name']} workload\n{cpu_line(report['cpu'])}")
+    return figure
