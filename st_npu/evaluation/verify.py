@@ -6,9 +6,9 @@ cosine-similarity matrices and each text's top-5 nearest neighbours. It passes w
 (1 - mean cosine) x 100, is under the threshold (percent) and the Pearson correlation is at least 0.99.
 
 The math lives in small pure functions on numpy arrays; :func:`verify` is the library entry point, and
-:func:`check_model` / :func:`make_reference` are what ``st-npu verify`` runs (its module turns options into their
-parameters). A CPU reference can be saved on one machine (``--save-reference``) and used on
-another (``--reference``): an ``.npz`` archive without pickles holding the embeddings and JSON metadata that
+:func:`check_model` / :func:`make_reference` are what ``st-npu verify`` runs (its command module turns options into
+their parameters). A CPU reference can be saved on one machine (``--save-reference``) and used on another
+(``--reference``): an ``.npz`` archive without pickles holding the embeddings and JSON metadata that
 identifies the model by the content of its files and the texts by their hash, so neither can silently differ.
 """
 
@@ -186,7 +186,7 @@ def versions() -> dict[str, str | None]:
 
 
 def load(model_name_or_path: str, device: str | None, dtype: str | None, spec: str | None = None) -> Any:
-    from st_npu import SentenceTransformer
+    from st_npu import SentenceTransformer  # on first use: a torch_npu that cannot load is then explained
 
     return SentenceTransformer(model_name_or_path, device=device, dtype=dtype, spec=spec)
 
@@ -276,7 +276,7 @@ def check_same_model(metadata: dict[str, Any], identity: dict[str, Any], path: s
     differences = identity_differences(metadata["identity"], identity)
     if differences:
         raise InvalidValueError(f"--reference {path} was saved from another model ({metadata['model']}): "
-                         f"{'; '.join(differences)}. Save a reference of this model with --save-reference.")
+                                f"{'; '.join(differences)}. Save a reference of this model with --save-reference.")
 
 
 def _texts_source(texts_file: str | None) -> str:
