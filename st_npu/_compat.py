@@ -15,6 +15,8 @@ from typing import Any
 
 import sentence_transformers
 
+from st_npu.errors import InvalidValueError
+
 try:  # 5.4+ keeps the module classes here; older releases only have sentence_transformers.models.
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 except ImportError:  # pragma: no cover - exercised only on sentence-transformers < 5.4
@@ -35,7 +37,7 @@ def module_class(type_name: str) -> type:
         return CORE_MODULES[class_name]
     module_path, _, class_name = type_name.rpartition(".")
     if not module_path.startswith("sentence_transformers"):
-        raise ValueError(
+        raise InvalidValueError(
             f"module type {type_name!r} is custom code; st_npu only builds sentence-transformers' own modules."
         )
     with warnings.catch_warnings():  # old import paths still resolve, with a deprecation warning
