@@ -197,7 +197,7 @@ class Batcher:
         cut: Job | None = None
         while self._pending:
             job = self._pending.popleft()
-            if job.abandoned or (job.taken == 0 and not job.future.set_running_or_notify_cancel()):
+            if job.abandoned or job.future.cancelled():
                 self._drop(job)
                 continue
             if batch and (job.options != batch[0][0].options or cut is not None or (
@@ -211,6 +211,9 @@ class Batcher:
                 take, longest = take + 1, max(longest, len(ids))
             if take == 0:
                 kept.append(job)
+                continue
+            if job.taken == 0 and not job.future.set_running_or_notify_cancel():  # cancelled just now
+                self._drop(job)
                 continue
             if job.started_at is None:
                 job.started_at = time.perf_counter()
