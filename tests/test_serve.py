@@ -441,7 +441,7 @@ def test_two_emulated_npus_batch_concurrent_clients_without_new_compilations(tin
         batches = server.metric("st_npu_batch_requests_count")
         assert batches < len(requests)  # requests were gathered into shared batches
         for device in ("npu:0", "npu:1"):
-            assert server.metric(f'st_npu_batch_requests_count{{model="embed",device="{device}"') >= 1
+            assert server.metric(f'st_npu_batch_requests_count{{device="{device}",model="embed"') >= 1
         assert_error(post(server, "/rerank", {"query": "q", "texts": ["x"]}), "/rerank", 424, "needs a reranker")
     finally:
         assert server.stop() == 0
@@ -471,16 +471,22 @@ def test_stop_signal_finishes_requests_in_flight_and_exits_0(tiny_cls, stop_sign
         httpx.get(f"{server.url}/health", timeout=5)
 
 
-def test_bench_serve_compares_both_servers_within_its_bounds(tiny_cls, tmp_path):
+def test_bench_serve_reports_embed_and_rerank_for_both_servers(tiny_cls, tiny_ce, tmp_path):
     report = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "st_npu", "bench-serve", "--model", str(tiny_cls), "--device", "cpu",
-         "--clients", "1,4", "--duration", "0.5", "--max-requests", "40", "--json", str(report)],
+        [sys.executable, "-m", "st_npu", "bench-serve", "--model", str(tiny_cls), "--reranker", str(tiny_ce),
+         "--device", "cpu", "--clients", "1,4", "--duration", "0.5", "--max-requests", "40", "--json", str(report)],
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=START_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     results = json.loads(report.read_text())["results"]
-    assert [(r["clients"], r["server"]) for r in results] == [
-        (1, "one-at-a-time"), (1, "batching"), (4, "one-at-a-time"), (4, "batching")]
+    assert [(r["workload"], r["clients"], r["server"]) for r in results] == [
+        (workload, clients, server) for workload in ("embed", "rerank") for clients in (1, 4)
+        for server in ("one-at-a-time", "batching")]
     assert all(0 < r["requests"] <= 40 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in results)
-    assert "| 4 |" in result.stdout and "speed" in result.stdout
+    # each text tokenised once at admission (a rerank request: its query and four documents), and once more
+    # inside the model's own API until the engine takes the admitted encodings
+    for r in results:
+        assert r["tokenized_at_admission_per_request"] == (1 if r["workload"] == "embed" else 5)
+        assert r["tokenized_in_device_call_per_request"] == (1 if r["workload"] == "embed" else 4)
+    assert "embed:" in result.stdout and "rerank:" in result.stdout and "| 4 |" in result.stdout

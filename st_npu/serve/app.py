@@ -121,7 +121,7 @@ def create_app(embedder: Served | None, reranker: Served | None, metrics: Any, s
             raise ApiError(413, str(exc)) from None
         except ValueError as exc:
             raise ApiError(422, str(exc), kind="tokenizer") from None
-        metrics.tokenizations.labels(item.batcher.kind, "admission").inc(len(admitted.rows))
+        metrics.tokenizations.labels(item.batcher.kind, "admission").inc(admitted.tokenized)
         return admitted, time.perf_counter() - started
 
     async def run(item: Served, request: Request, admitted: Any, options: tuple, tokenization_s: float,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import queue
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,11 @@ class Admitted:
     rows: list[Any]  # texts (or (query, text) pairs), cut to the limit
     encodings: list[list[int]]  # each row's token ids, special tokens included, as the model sees them
     tokens: int  # tokens computed (the sum of the encodings' lengths)
+    tokenized: int  # texts tokenised to admit them (a rerank request's query once)
 
 
 class Tokenization:
-    """``workers`` threads, each with its own copy of ``tokenizer``; ``calls`` counts texts tokenised."""
+    """``workers`` threads, each with its own copy of ``tokenizer``."""
 
     def __init__(self, tokenizer: Any, workers: int) -> None:
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -40,8 +40,6 @@ class Tokenization:
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="st_npu-tokenize")
         self.vocab_size = len(tokenizer)
         self.single, self.pair = _templates(tokenizer)
-        self.calls = 0
-        self._count = threading.Lock()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -53,10 +51,6 @@ class Tokenization:
             return function(tokenizer, *args)
         finally:
             self._free.put(tokenizer)
-
-    def counted(self, texts: int) -> None:
-        with self._count:
-            self.calls += texts
 
     # --- embedder rows --------------------------------------------------------------------------------------------
 
@@ -79,8 +73,7 @@ class Tokenization:
                 text = kept
             rows.append(text)
             encodings.append(_with_specials(self.single, prompt_ids + ids))
-        self.counted(len(texts))
-        return Admitted(rows, encodings, sum(map(len, encodings)))
+        return Admitted(rows, encodings, sum(map(len, encodings)), len(texts))
 
     def ids(self, tokenizer: Any, sequences: list[list[int]], limit: int, truncate: bool, left: bool,
             field: str) -> Admitted:
@@ -98,8 +91,7 @@ class Tokenization:
                 ids = ids[-limit:] if left else ids[:limit]
             rows.append(tokenizer.decode(ids, skip_special_tokens=True))
             encodings.append(list(ids))
-        self.counted(len(sequences))
-        return Admitted(rows, encodings, sum(map(len, encodings)))
+        return Admitted(rows, encodings, sum(map(len, encodings)), len(sequences))
 
     # --- reranker rows --------------------------------------------------------------------------------------------
 
@@ -124,8 +116,7 @@ class Tokenization:
             d_text, d_ids = _keep(tokenizer, text if cut is None else cut, ids, second, left)
             rows.append((q_text, d_text))
             encodings.append(_with_specials(self.pair, q_ids, d_ids))
-        self.counted(len(pairs) + len(firsts))
-        return Admitted(rows, encodings, sum(map(len, encodings)))
+        return Admitted(rows, encodings, sum(map(len, encodings)), len(pairs) + len(firsts))
 
 
 def _templates(tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
