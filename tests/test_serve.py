@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,17 +68,20 @@ def tiny_ce(tmp_path_factory) -> Path:
 
 
 class Server:
-    def __init__(self, model: Path | None, *args: str, emulate: int | None = None) -> None:
+    def __init__(self, model: Path | None, *args: str, emulate: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               **(env or {})}
         env.pop("ST_NPU_EMULATE", None)
         if emulate:
             env["ST_NPU_EMULATE"] = str(emulate)
         command = [sys.executable, "-m", "st_npu", "serve", *(["--model", str(model)] if model else []),
                    "--port", str(self.port), "--log-level", "warning", *args]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a server writing to a full pipe nobody reads would stall
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.health_statuses: list[int] = []
         self.http = httpx.Client(base_url=self.url, timeout=REQUEST_TIMEOUT_S,
@@ -88,7 +92,8 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.process.stdout.read()}")
+                self.log.seek(0)
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log.read()}")
             try:
                 self.health_statuses.append(self.http.get("/health").status_code)
                 if self.health_statuses[-1] == 200:

@@ -84,6 +84,23 @@ def test_a_large_request_is_cut_and_a_later_small_one_waits_one_batch():
     assert results[0][:, 0].tolist() == [4] * 6 and results[1][:, 0].tolist() == [5]
 
 
+def test_a_small_request_arriving_during_a_large_one_runs_in_the_next_batch():
+    model = FakeModel()
+    model.release.clear()
+    batcher = Batcher([model], 1024, 64, 100)
+    big = batcher.submit(job([f"big{i}" for i in range(6)], longest=300))
+    batcher.start()
+    try:
+        assert model.entered.wait(TIMEOUT_S)  # the first two rows of the large request are on the device
+        small = batcher.submit(job(["small"], longest=3))
+        model.release.set()
+        assert small.result(TIMEOUT_S)[0][0] == 5 and len(big.result(TIMEOUT_S)) == 6
+    finally:
+        model.release.set()
+        batcher.close()
+    assert [texts for texts, *_ in model.calls][:2] == [["big0", "big1"], ["small"]]
+
+
 def test_an_abandoned_request_never_reaches_the_model():
     model = FakeModel()
     model.release.clear()

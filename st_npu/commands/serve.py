@@ -11,8 +11,9 @@ import argparse
 import math
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from st_npu.errors import UsageError
 from st_npu.loading.folder import DEFAULT_MODEL
@@ -113,9 +114,9 @@ def size_threads(cpu_workers: int, tokenization_workers: int | None) -> int:
     return tokenization_workers or max(1, min(4, cores // 2))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> NoReturn:
     """Load the models (one per device), serve until SIGTERM or Ctrl-C, finish the requests in flight within
-    --graceful-timeout, return 0."""
+    --graceful-timeout, and exit the process with 0."""
     from st_npu.serve import require_serve_stack
 
     if args.model is None and not args.reranker:
@@ -152,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.graceful_timeout)
     with _signals_end_quietly():
         uvicorn.Server(config).run()
-    return 0
+    # Every request is answered and every device worker stopped by now; the interpreter's own teardown (torch,
+    # the models, the tokenizer copies) took seconds more on a busy host, past --graceful-timeout, so skip it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _signals_end_quietly:

@@ -137,9 +137,10 @@ def create_app(embedder: Served | None, reranker: Served | None, metrics: Any, s
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the server is stopping past its graceful timeout
+        except asyncio.CancelledError:  # the server is stopping past its graceful timeout: answer if still possible
             item.batcher.abandon(job)
-            raise
+            raise ApiError(503, "the server stopped (--graceful-timeout) before this request was computed",
+                           kind="unhealthy") from None
         finally:
             gone.cancel()
             metrics.in_progress.dec()

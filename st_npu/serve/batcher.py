@@ -47,6 +47,7 @@ class Job:
     taken: int = 0  # rows handed to a device so far
     finished: int = 0  # rows whose results are in
     abandoned: bool = False
+    yielded: bool = False  # the rest of a cut request was passed over once for requests behind it
     error: BaseException | None = None  # the failure that ended it, given to its client once no rows run
     _results: list[Any] = field(default_factory=list)
 
@@ -190,17 +191,21 @@ class Batcher:
                     return batch
 
     def _take_batch(self) -> list[tuple[Job, slice]]:
-        """Rows for one device call: whole requests while they fit, then the first rows of one that does not."""
+        """Rows for one device call: whole requests while they fit, then the first rows of one that does not.
+
+        The rest of a cut request yields once to every request that has not started (so a request that arrives
+        while a large one computes waits for one batch of it at most), then goes first."""
+        waiting = list(self._pending)
+        order = ([job for job in waiting if job.taken and job.yielded] + [job for job in waiting if not job.taken]
+                 + [job for job in waiting if job.taken and not job.yielded])
         batch: list[tuple[Job, slice]] = []
         rows = longest = 0
-        kept: deque[Job] = deque()
-        cut: Job | None = None
-        while self._pending:
-            job = self._pending.popleft()
+        kept: list[Job] = []
+        for job in order:
             if job.abandoned or job.future.cancelled():
                 self._drop(job)
                 continue
-            if batch and (job.options != batch[0][0].options or cut is not None or (
+            if batch and (job.options != batch[0][0].options or batch[-1][0].taken < len(batch[-1][0].rows) or (
                     self.max_batch_requests is not None and len(batch) >= self.max_batch_requests)):
                 kept.append(job)
                 continue
@@ -208,23 +213,25 @@ class Batcher:
             for ids in job.encodings[job.taken:]:
                 if (take or batch) and not self._fits(rows + take + 1, max(longest, len(ids))):
                     break
+                if batch and job.taken and self.policy.seq_bucket(len(ids)) > self.policy.seq_bucket(longest):
+                    break  # the rest of a cut request may fill a batch, not lengthen it
                 take, longest = take + 1, max(longest, len(ids))
-            if take == 0:
-                kept.append(job)
-                continue
-            if job.taken == 0 and not job.future.set_running_or_notify_cancel():  # cancelled just now
-                self._drop(job)
+            if take == 0 or (job.taken == 0 and not job.future.set_running_or_notify_cancel()):
+                if job.future.cancelled():  # cancelled just now
+                    self._drop(job)
+                else:
+                    kept.append(job)
                 continue
             if job.started_at is None:
                 job.started_at = time.perf_counter()
             batch.append((job, slice(job.taken, job.taken + take)))
             job.taken += take
             rows += take
-            if job.taken < len(job.rows):
-                cut = job  # the rest of it waits behind every request queued now
-        self._pending = kept
-        if cut is not None:
-            self._pending.append(cut)
+        for job in kept:
+            job.yielded = bool(job.taken)  # a cut request passed over now goes first next time
+        for job, _ in batch:
+            job.yielded = False
+        self._pending = deque(kept + [job for job, _ in batch if job.taken < len(job.rows)])
         return batch
 
     def _drop(self, job: Job) -> None:
