@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from st_npu.engine import graphs
-from st_npu.engine.static_shapes import ShapePolicy, policy_of
+from st_npu.engine import ShapePolicy, engine_of
 
 
 class QueueFull(Exception):
@@ -77,9 +76,10 @@ class Batcher:
         self.max_batch_requests = max_batch_requests
         self.metrics = metrics
         # The static-shape buckets when they are on; elsewhere the same table only prices a batch for the budget.
-        self.policy = policy_of(models[0]) or ShapePolicy().for_model(self.max_seq_length)
-        self.static_shapes = policy_of(models[0]) is not None
-        self.device_batches = 0
+        engine = engine_of(models[0])
+        policy = engine.policy if engine is not None else None
+        self.policy = policy or ShapePolicy().for_model(self.max_seq_length)
+        self.static_shapes = policy is not None
         self._pending: deque[Job] = deque()
         self._admitted = 0  # jobs queued or computing
         self._condition = threading.Condition()
@@ -173,7 +173,7 @@ class Batcher:
 
     def _warmup(self, model: Any) -> None:
         if self.static_shapes:  # every bucket shape a batch under the budget can take, compiled and captured now
-            graphs.warmup(model, self.max_batch_size, max_tokens=self.max_batch_tokens)
+            engine_of(model).warmup(self.max_batch_size, max_tokens=self.max_batch_tokens)
         elif self.kind == "rerank":
             model.predict([("warm-up", "warm-up")], show_progress_bar=False)
         else:
@@ -266,7 +266,6 @@ class Batcher:
     def _call(self, model: Any, batch: list[tuple[Job, slice]]) -> list[Any]:
         rows = [row for job, part in batch for row in job.rows[part]]
         encodings = [ids for job, part in batch for ids in job.encodings[part]]
-        self.device_batches += 1
         return self.device_call(model, rows, encodings, batch[0][0].options)
 
     def device_call(self, model: Any, rows: list[Any], encodings: list[list[int]], options: tuple) -> list[Any]:
