@@ -161,8 +161,9 @@ def create_app(embedder: Served | None, reranker: Served | None, metrics: Any, s
     async def embed(request: Request, body: dict[str, Any], field: str, output: str = "sentence",
                     truncate: bool | None = None) -> Outcome:
         item = need(embedder, "embedding", request.url.path)
-        texts, ids = protocol.texts_or_ids(body.get(field), field, settings.max_client_batch_size) \
-            if field in body else _missing(field)
+        if field not in body:
+            raise ApiError(422, f"missing field {field!r}", field)
+        texts, ids = protocol.texts_or_ids(body[field], field, settings.max_client_batch_size)
         prompt_name = protocol.optional(body, "prompt_name", str)
         model = item.model
         if prompt_name is not None and prompt_name not in model.prompts:
@@ -175,17 +176,14 @@ def create_app(embedder: Served | None, reranker: Served | None, metrics: Any, s
         if texts is not None:
             prompt = model.prompts.get(prompt_name or model.default_prompt_name or "", "")
             admitted, took = await tokenise(item, item.tokens.texts, texts, prompt, limit, truncate, left, field)
-            characters = sum(map(len, texts))
-        else:
-            admitted, took = await tokenise(item, item.tokens.ids, ids, limit, truncate, left, field)
-            characters = 0
-        return await run(item, request, admitted, (prompt_name, output), took, characters)
+            return await run(item, request, admitted, (prompt_name, output), took, sum(map(len, texts)))
+        admitted, took = await tokenise(item, item.tokens.ids, ids, limit, truncate, left, field)
+        return await run(item, request, admitted, (None, output), took, 0)  # the ids are the whole model input
 
-    async def score(request: Request, query: Any, texts: list[str], field: str, body: dict[str, Any],
-                    truncate_key: str = "truncate") -> Outcome:
+    async def score(request: Request, query: Any, texts: list[str], field: str, body: dict[str, Any]) -> Outcome:
         item = need(reranker, "rerank", request.url.path)
         query = protocol.check_text(query, "query")
-        truncate = protocol.flag(body, truncate_key, settings.auto_truncate)
+        truncate = protocol.flag(body, "truncate", settings.auto_truncate)
         left = protocol.left_truncation(body)
         admitted, took = await tokenise(item, item.tokens.pairs, [(query, text) for text in texts],
                                         _limit(item, None), truncate, left, field)
@@ -286,12 +284,13 @@ def create_app(embedder: Served | None, reranker: Served | None, metrics: Any, s
     async def tei_decode(request: Request, body: dict[str, Any], started: float) -> Response:
         item = embedder or reranker
         ids = body.get("ids")
-        if isinstance(ids, list) and ids and all(protocol._is_id(token) for token in ids):
-            ids = [ids]
-        _, sequences = protocol.texts_or_ids(ids if isinstance(ids, list) else None, "ids",
-                                             settings.max_client_batch_size) if ids else _missing("ids")
-        if sequences is None:
-            raise ApiError(422, "ids must be a list of token ids or a list of such lists", "ids")
+        sequences = [ids] if isinstance(ids, list) and ids and all(map(protocol.is_token_id, ids)) else ids
+        if not isinstance(sequences, list) or not sequences or not all(
+                isinstance(seq, list) and seq and all(map(protocol.is_token_id, seq)) for seq in sequences):
+            raise ApiError(422, "ids must be a non-empty list of token ids (integers) or a list of such lists", "ids")
+        if len(sequences) > settings.max_client_batch_size:
+            raise ApiError(413, f"ids has {len(sequences)} sequences, more than --max-client-batch-size "
+                                f"{settings.max_client_batch_size}; split the request", "ids")
         skip = protocol.flag(body, "skip_special_tokens", True)
         size = item.tokens.vocab_size
         for index, sequence in enumerate(sequences):
@@ -428,10 +427,6 @@ def _limit(item: Served, prompt_name: str | None) -> int:
     side = getattr(item.model, "prompt_max_length", None)
     limit = side(prompt_name) if side and prompt_name else None
     return min(limit or item.batcher.max_seq_length, item.batcher.max_seq_length)
-
-
-def _missing(field: str) -> Any:
-    raise ApiError(422, f"missing field {field!r}", field)
 
 
 def _sigmoid(values: np.ndarray) -> np.ndarray:

@@ -73,14 +73,14 @@ def texts_or_ids(value: Any, field: str, max_batch: int) -> tuple[list[str] | No
                             f"{type(value).__name__}", field)
     if not value:
         raise ApiError(422, f"{field} is an empty list: send at least one input", field)
-    if all(_is_id(item) for item in value):
+    if all(is_token_id(item) for item in value):
         return None, [value]
     if len(value) > max_batch:
         raise ApiError(413, f"{field} has {len(value)} inputs, more than --max-client-batch-size {max_batch}; "
                             f"split the request", field)
     if all(isinstance(item, list) for item in value):
         for index, ids in enumerate(value):
-            if not ids or not all(_is_id(item) for item in ids):
+            if not ids or not all(is_token_id(item) for item in ids):
                 raise ApiError(422, f"{field}[{index}] must be a non-empty list of token ids (integers)", field)
         return None, value
     return [check_text(item, f"{field}[{index}]") for index, item in enumerate(value)], None
@@ -99,7 +99,7 @@ def text_list(value: Any, field: str, max_batch: int) -> list[str]:
     return [check_text(item, f"{field}[{index}]") for index, item in enumerate(value)]
 
 
-def _is_id(item: Any) -> bool:
+def is_token_id(item: Any) -> bool:
     return isinstance(item, int) and not isinstance(item, bool)
 
 
