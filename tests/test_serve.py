@@ -31,6 +31,7 @@ for _name in ("fastapi", "uvicorn", "prometheus_client", "httpx", "openai", "hug
 import cohere  # noqa: E402
 import httpx  # noqa: E402
 import huggingface_hub.constants  # noqa: E402
+import huggingface_hub.errors  # noqa: E402
 import openai  # noqa: E402
 from huggingface_hub import InferenceClient  # noqa: E402
 from llama_index.embeddings.text_embeddings_inference import TextEmbeddingsInference  # noqa: E402
@@ -121,6 +122,7 @@ class Server:
             raise AssertionError(f"the server did not stop within {timeout} s of SIGTERM") from None
         finally:
             self.http.close()
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +450,30 @@ def test_two_emulated_npus_batch_concurrent_clients_without_new_compilations(tin
         for device in ("npu:0", "npu:1"):
             assert server.metric(f'st_npu_batch_requests_count{{device="{device}",model="embed"') >= 1
         assert_error(post(server, "/rerank", {"query": "q", "texts": ["x"]}), "/rerank", 424, "needs a reranker")
+        embedder = TextEmbeddingsInference(model_name="tiny", base_url=server.url, auth_token=API_KEY)
+        np.testing.assert_allclose(embedder.get_text_embedding_batch(TEXTS), reference.encode(TEXTS), atol=1e-5,
+                                   rtol=0)
+    finally:
+        assert server.stop() == 0
+
+
+@needs_emulator
+def test_a_reranker_on_an_emulated_npu_answers_the_cohere_client(tiny_ce, reference_ce, monkeypatch):
+    server = Server(None, "--reranker", str(tiny_ce), "--reranker-devices", "npu:1", *SMALL, "--api-key", API_KEY,
+                    emulate=2)
+    try:
+        assert server.http.get("/info").json()["devices"] == ["npu:1"]
+        expected = reference_ce.predict([(QUERY, document) for document in DOCUMENTS])
+        response = cohere.Client(base_url=server.url, api_key=API_KEY).rerank(
+            model="m", query=QUERY, documents=DOCUMENTS, top_n=2)
+        assert [r.index for r in response.results] == list(np.argsort(-expected)[:2])
+        np.testing.assert_allclose([r.relevance_score for r in response.results], np.sort(expected)[::-1][:2],
+                                   atol=1e-5, rtol=0)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        client = InferenceClient(base_url=server.url, api_key=API_KEY, timeout=REQUEST_TIMEOUT_S)
+        # POST / on a reranker alone is TEI's /predict, which takes pairs: a single text is refused with the reason
+        with pytest.raises(huggingface_hub.errors.HfHubHTTPError, match="must be a pair"):
+            client.feature_extraction("a reranker alone embeds nothing")
     finally:
         assert server.stop() == 0
 
