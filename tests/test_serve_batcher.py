@@ -193,3 +193,23 @@ def test_without_the_serve_extra_the_command_says_what_to_install(monkeypatch, c
 def test_devices_must_be_distinct_and_named(devices, capsys):
     assert main(["serve", "--model", "unused", "--devices", devices]) == 2
     assert "--devices takes distinct devices" in capsys.readouterr().err
+
+
+def test_torch_threads_are_shared_by_the_cpu_workers_within_the_owned_cores(monkeypatch):
+    import torch
+
+    from st_npu.commands import serve
+
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(serve.Path, "read_text", lambda self: "400000 100000")  # a cgroup quota of 4 cores
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert serve.owned_cores() == 4
+        assert serve.size_threads(cpu_workers=2, tokenization_workers=None) == 2
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice stands
+        torch.set_num_threads(3)
+        assert serve.size_threads(cpu_workers=1, tokenization_workers=3) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
