@@ -37,7 +37,7 @@ def tokenised(monkeypatch):
     original = PreTrainedTokenizerBase.__call__
 
     def counting(self, text=None, *args, **kwargs):
-        if text != PROMPT:
+        if text not in (PROMPT, [PROMPT]):
             counted.append(1 if isinstance(text, (str, tuple)) else len(text))
         return original(self, text, *args, **kwargs)
 
@@ -104,3 +104,27 @@ def test_tokens_a_caller_computed_are_not_computed_again(tiny_cls, tokenised):
         TEXTS[10:30], batch_size=8, prompt=PROMPT)
     assert np.abs(got - expected).max() <= 1e-6
     assert Tokens.join([requests[0], engine.tokenize(TEXTS[:2], **engine.preprocess_kwargs())]) is None
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_tokens_from_a_servers_token_ids_equal_stocks_preprocess(tiny_cls, rerankers, arch):
+    if arch == "bert":
+        model = st_npu.SentenceTransformer(tiny_cls, device="cpu")
+        items, entry = TEXTS[:12], {"prompt": PROMPT}
+        ids = [model.tokenizer(PROMPT + text, truncation=True, max_length=model.max_seq_length)["input_ids"]
+               for text in items]  # as the server's admission cuts them
+    else:
+        model = st_npu.CrossEncoder(rerankers[arch], device="cpu")
+        items, entry = [(TEXTS[i], TEXTS[-1 - i]) for i in range(12)], {}
+        ids = [model.tokenizer(query, document, truncation=True, max_length=model.max_length)["input_ids"]
+               for query, document in items]
+    engine = engine_of(model)
+    kwargs = engine.preprocess_kwargs(**entry)
+    tokens = engine.tokens_from_ids(items, ids, **entry)
+    for batch in (items[:5], items[3:12]):
+        expected = type(model).preprocess(model, batch, **kwargs)
+        got = tokens.features(batch)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v for k, v in expected.items())
+    wrong = [list(reversed(row)) for row in ids]  # ids stock would not make: the call tokenises instead
+    assert engine.tokens_from_ids(items, wrong, **entry) is None

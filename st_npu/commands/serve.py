@@ -69,15 +69,10 @@ def device_list(args: argparse.Namespace, option: str = "devices") -> list[str |
 
 
 def load_reranker(path: str, device: str | None, dtype: str | None) -> Any:
-    """The reranker for one device: stock ``sentence_transformers.CrossEncoder`` (not accelerated yet)."""
-    import torch
-    from sentence_transformers import CrossEncoder
+    """The reranker for one device: ``st_npu.CrossEncoder``, on the engine as the embedder is."""
+    from st_npu.cross_encoder import CrossEncoder
 
-    from st_npu.runtime.devices import resolve_device, resolve_dtype
-
-    torch_dtype = resolve_dtype(dtype)
-    model = CrossEncoder(path, device=str(resolve_device(device)))
-    return model.to(torch_dtype) if torch_dtype is not None else model
+    return CrossEncoder(path, device=device, dtype=dtype)
 
 
 def load_embedder(args: argparse.Namespace, device: str | None) -> Any:

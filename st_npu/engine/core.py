@@ -155,7 +155,8 @@ class Engine:
             with context.calling(self, Call()) as call:
                 return self._finishing(call, lambda: stock_entry(*bound.args, **bound.kwargs))
         tails = grouping.call_tails(model, self.kind, bound.arguments)
-        positions = grouping.groups(tokens.lengths, self.buckets.for_model(model.max_seq_length))
+        lengths = [tokens.lengths[position] for position in tokens.positions(items)]
+        positions = grouping.groups(lengths, self.buckets.for_model(model.max_seq_length))
         with context.calling(self, Call(tokens=tokens, tails=tails)) as call:
             return self._finishing(call, lambda: self._grouped(call, bound, items, singular, positions))
 
@@ -196,6 +197,17 @@ class Engine:
     def tokenize(self, items: list[Any], **kwargs: Any) -> Tokens | None:
         """``items`` tokenised by stock's ``preprocess`` with ``kwargs`` (the prompt and options stock passes)."""
         return Tokens.of(self.model, items, functools.partial(type(self.model).preprocess, self.model), **kwargs)
+
+    def tokens_from_ids(self, items: list[Any], ids: list[list[int]], **entry_kwargs: Any) -> Tokens | None:
+        """Tokens for a call with ``entry_kwargs`` made from token ids a caller computed already (a server's
+        admission), as stock's ``preprocess`` would make them; None where they would differ (then tokenise)."""
+        kwargs = self.preprocess_kwargs(**entry_kwargs)
+        with tokenizer_lock(self.model.tokenizer):
+            sample = type(self.model).preprocess(self.model, items[:1], **kwargs)
+        tokenizer = self.model.tokenizer
+        return Tokens.from_ids(items, ids, sample, kwargs, getattr(tokenizer, "pad_token_id", None) or 0,
+                               getattr(tokenizer, "sep_token_id", None),
+                               getattr(tokenizer, "padding_side", "right") == "left")
 
     def given_tokens(self, tokens: Tokens) -> Any:
         """A context in which this thread's calls take ``tokens`` (computed earlier, e.g. by a server at admission)

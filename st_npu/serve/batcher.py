@@ -16,6 +16,7 @@ A batch that fails is retried request by request, so one bad request fails alone
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -271,22 +272,39 @@ class Batcher:
     def device_call(self, model: Any, rows: list[Any], encodings: list[list[int]], options: tuple) -> list[Any]:
         """The one call into the model for a batch: ``rows`` as admitted (cut to the limit) and their token ids.
 
-        Today it calls the model's public API, which tokenises the rows a second time (counted as such in the
-        metrics); an engine entry point that takes ``encodings`` directly replaces this body alone."""
-        if self.metrics is not None:
-            self.metrics.tokenizations.labels(self.kind, "device").inc(len(rows))
+        The engine takes the admission's token ids as the call's tokens (``Engine.tokens_from_ids``), so the rows are
+        not tokenised again; only where it cannot (token embeddings, a model without the engine, ids that stock
+        would tokenise differently) does the call tokenise, and the metrics count it."""
         if self.kind == "rerank":
             import torch
 
-            return list(model.predict(rows, batch_size=len(rows), activation_fn=torch.nn.Identity(),
-                                      convert_to_numpy=True, show_progress_bar=False))
-        prompt_name, output = options
-        if output == "tokens":
-            return [np.asarray(t.float().cpu()) for t in model.encode(
-                rows, prompt_name=prompt_name, batch_size=len(rows), output_value="token_embeddings",
-                show_progress_bar=False)]
-        return list(model.encode(rows, prompt_name=prompt_name, batch_size=len(rows), convert_to_numpy=True,
-                                 show_progress_bar=False))
+            entry = {"activation_fn": torch.nn.Identity()}
+            run = functools.partial(model.predict, rows, batch_size=len(rows), convert_to_numpy=True,
+                                    show_progress_bar=False, **entry)
+        else:
+            prompt_name, output = options
+            entry = {"prompt_name": prompt_name}
+            if output == "tokens":
+                run = functools.partial(self._token_rows, model, rows, prompt_name)
+            else:
+                run = functools.partial(model.encode, rows, batch_size=len(rows), convert_to_numpy=True,
+                                        show_progress_bar=False, **entry)
+        engine = engine_of(model)
+        tokens = None
+        if engine is not None and (self.kind == "rerank" or options[1] != "tokens"):
+            tokens = engine.tokens_from_ids(rows, encodings, **entry)
+        if tokens is None:
+            if self.metrics is not None:
+                self.metrics.tokenizations.labels(self.kind, "device").inc(len(rows))
+            return list(run())
+        with engine.given_tokens(tokens):
+            return list(run())
+
+    @staticmethod
+    def _token_rows(model: Any, rows: list[Any], prompt_name: str | None) -> list[Any]:
+        return [np.asarray(t.float().cpu()) for t in model.encode(
+            rows, prompt_name=prompt_name, batch_size=len(rows), output_value="token_embeddings",
+            show_progress_bar=False)]
 
     def _settle(self, part: tuple[Job, slice], outcome: Any) -> None:
         job, rows = part
