@@ -8,6 +8,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def check_device(device: str | None) -> None:
     torch_npu, and no emulated npu (or one whose variables are wrong). Everything else is the device code's."""
     if device is None or device.strip().lower().partition(":")[0] != "npu":
         return
-    if importlib.util.find_spec("torch_npu") is not None:
+    if "torch_npu" in sys.modules or importlib.util.find_spec("torch_npu") is not None:  # real, or emulated here
         return
     problem = emulation.environment_problem()
     if problem:
