@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TEXTS
+from conformance.doors import TEXTS
 from PIL import Image
 
 ACCEPTED = {
