@@ -264,7 +264,8 @@ def test_a_staged_batch_changed_before_its_forward_runs_eagerly_and_frees_the_gr
     model = _model(tiny_cls, "npu:5")
     engine, batch = engine_of(model), TEXTS[:8]
     expected = model.encode(batch, batch_size=8)
-    with context.calling(engine, context.Call(tails=Tails())) as call:
+    # As stock's encode runs its batches: in inference mode, inside a call.
+    with torch.inference_mode(), context.calling(engine, context.Call(tails=Tails())) as call:
         features = engine.preprocess(batch)
         assert call.batch.staged is not None
         changed = {**features, "input_ids": features["input_ids"].clone()}  # as a forward pre-hook might
