@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conformance.doors import TEXTS, logged
 
 PRECISIONS = ["float32", "int8", "uint8", "binary", "ubinary"]

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+
 from conformance.doors import TEXTS, logged
 
 MODEL_TYPES = {  # name: the keyword arguments stock needs to load it
