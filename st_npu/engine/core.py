@@ -145,9 +145,7 @@ class Engine:
         singular = model.is_singular_input(inputs)
         if self.kind.entry == "encode":
             checks.check_texts(inputs, singular=isinstance(inputs, str) or singular)
-        limit = self.prompt_limit(bound.arguments.get("prompt_name"))
-        if limit is not None and limit < model.max_seq_length:  # per call: max_seq_length is shared by threads
-            bound.arguments["kwargs"] = _compat.with_max_length(bound.arguments.get("kwargs", {}), limit)
+        self._limit_prompt(bound)
         items = [inputs] if singular else inputs
         if not grouping.groupable(model, self.kind, bound.arguments, items):
             with context.calling(self, Call()) as call:
@@ -203,6 +201,21 @@ class Engine:
         """A context in which this thread's calls take ``tokens`` (computed earlier, e.g. by a server at admission)
         instead of tokenising their inputs again: ``with engine.given_tokens(tokens): model.encode(texts, ...)``."""
         return context.calling(self, Call(tokens=tokens))
+
+    def preprocess_kwargs(self, **entry_kwargs: Any) -> dict[str, Any]:
+        """What a call of the entry with ``entry_kwargs`` (no inputs) passes to ``preprocess`` besides the batch: the
+        prompt and options tokens for that call must be made with (``tokenize(items, **preprocess_kwargs(...))``)."""
+        bound = self.signature.bind(self.model, [], **entry_kwargs)
+        bound.apply_defaults()
+        self._limit_prompt(bound)
+        return self._preprocess_kwargs(bound)
+
+    def _limit_prompt(self, bound: inspect.BoundArguments) -> None:
+        """A known model's per-prompt length limit, as the call's own processing kwargs: ``max_seq_length`` is
+        shared by every thread."""
+        limit = self.prompt_limit(bound.arguments.get("prompt_name"))
+        if limit is not None and limit < self.model.max_seq_length:
+            bound.arguments["kwargs"] = _compat.with_max_length(bound.arguments.get("kwargs", {}), limit)
 
     def _preprocess_kwargs(self, bound: inspect.BoundArguments) -> dict[str, Any]:
         """What stock will pass to ``preprocess`` besides the batch: the resolved prompt and the call's kwargs."""

@@ -64,6 +64,26 @@ class Tokens:
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         return cls(rows, shared, lengths, index, left, pad_id, kwargs)
 
+    @classmethod
+    def join(cls, parts: Sequence[Tokens]) -> Tokens | None:
+        """One set of tokens holding every row of ``parts`` (a server batch gathers several requests' tokens);
+        None when the parts were tokenised differently (another prompt or option)."""
+        first = parts[0]
+        if any(part.kwargs != first.kwargs or not _same_values(part.shared, first.shared) for part in parts[1:]):
+            return None
+        rows: dict[str, list[torch.Tensor]] = {key: [] for key in first.rows}
+        lengths: list[int] = []
+        index: dict[Hashable, int] = {}
+        for part in parts:
+            if part.rows.keys() != rows.keys():
+                return None
+            for key, position in part.index.items():
+                index[key] = position + len(lengths)
+            for key, per_row in part.rows.items():
+                rows[key].extend(per_row)
+            lengths.extend(part.lengths)
+        return cls(rows, dict(first.shared), lengths, index, first.left, first.pad_id, first.kwargs)
+
     def positions(self, batch: Sequence[Any]) -> list[int] | None:
         found = [self.index.get(key_of(item)) for item in batch]
         return None if any(position is None for position in found) else found
@@ -111,6 +131,10 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool((a == b).all())
     return a == b
+
+
+def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
 
 
 def _pad_row(row: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:
