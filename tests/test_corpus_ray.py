@@ -58,7 +58,7 @@ def assert_same_output(out: Path, reference: Path) -> None:
     assert table.column("id").to_pylist() == expected.column("id").to_pylist() == list(range(ROWS))
     vectors, expected_vectors = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (table, expected))
     np.testing.assert_allclose(vectors, expected_vectors, atol=1e-6)
-    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (out, reference)]
+    manifests = [json.loads((folder / "_manifest.json").read_text()) for folder in (out, reference)]
     for key in ("settings", "model_identity", "input", "model"):
         assert manifests[0][key] == manifests[1][key]
     assert [(s["start"], s["end"], s["count"]) for s in manifests[0]["shards"].values()] == \
