@@ -232,11 +232,14 @@ def _finished_shards(out: Path) -> int:
 
 
 @needs_emulator
-def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path):
+def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the workers size their threads themselves
     summary = embed_corpus(tiny_cls, corpus_2k, tmp_path / "out", devices=["npu:0", "npu:1"], shard_size=200,
                            max_seq_length=32, progress=False)
     assert set(summary["devices"]) == {"npu:0", "npu:1"}
     assert all(figures["ops"] > 0 and figures["shards"] > 0 for figures in summary["devices"].values())
+    # Each worker runs torch on its share of the cores, not one thread per core of the host.
+    assert {figures["threads"] for figures in summary["devices"].values()} == {max(1, len(os.sched_getaffinity(0)) // 2)}
     ids, vectors, _ = read_output(tmp_path / "out")
     assert ids == list(range(2000))
     model = SentenceTransformer(str(tiny_cls), device="cpu")

@@ -93,7 +93,8 @@ class ShardWriter:
             result = {"index": plan.index, "rows": plan.end - plan.start, "empty_skipped": shard.empty_skipped,
                       "rejects": [(reject.row, reject.where, reject.reason) for reject in shard.rejects],
                       "model": self.encoder.describe(), "loads": encoders.loads, **self.where}
-            if saved and shard_holds(self.folder, json.loads(saved)):
+            saved = json.loads(saved)
+            if saved is not None and shard_holds(self.folder, saved):
                 result["skipped"] = True
             else:
                 done = embed_shard(self.encoder, shard, self.folder, self.form)
@@ -123,7 +124,8 @@ def run_ray(address: str | None, actors: int | None, run: _Run) -> None:
             description, ranges = ray.get(calibrate.remote(run.settings, run.fields, plan))
             run.ready(description)
             run.set_ranges(ranges)
-        plans = [{"plan": pickle.dumps(plan), "saved": json.dumps(run.state["shards"].get(f"{plan.index:05d}") or "")}
+        saved = run.state["shards"]
+        plans = [{"plan": pickle.dumps(plan), "saved": json.dumps(saved.get(f"{plan.index:05d}"))}
                  for plan in plan_shards(counts, shard_size)]
         dataset = ray.data.from_items(plans, override_num_blocks=len(plans)).map_batches(
             ShardWriter, fn_constructor_args=(run.settings, run.fields, run.skip_empty, run.skip_bad_rows,
