@@ -1,0 +1,94 @@
+"""Compact corpus outputs: int8/uint8 with one set of ranges for the whole job, binary/ubinary, truncate_dim."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pyarrow = pytest.importorskip("pyarrow", reason='the corpus job needs pyarrow: pip install "st-npu[corpus]"')
+import pyarrow.parquet as pq  # noqa: E402
+from sentence_transformers import quantize_embeddings  # noqa: E402
+
+from st_npu import SentenceTransformer  # noqa: E402
+from st_npu.corpus import embed_corpus  # noqa: E402
+from st_npu.errors import UsageError  # noqa: E402
+
+ROWS = 1500
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(3)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    path = tmp_path_factory.mktemp("compact") / "in.txt"
+    path.write_text("".join(" ".join(rng.choice(words, rng.integers(1, 10))) + "\n" for _ in range(ROWS)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def floats(tiny_cls, corpus) -> np.ndarray:
+    return SentenceTransformer(str(tiny_cls), device="cpu").encode(corpus.read_text().splitlines())
+
+
+def vectors(folder: Path) -> np.ndarray:
+    return np.stack(pq.read_table(folder).column("embedding").to_numpy(zero_copy_only=False))
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {name: shard["sha256"] for name, shard in json.loads((folder / "_manifest.json").read_text())["shards"].items()}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_int8_uses_one_range_for_every_shard_whatever_order_they_ran_in(tiny_cls, corpus, floats, tmp_path, dtype):
+    out = tmp_path / "out"
+    embed_corpus(tiny_cls, corpus, out, devices=["cpu"], shard_size=300, output_dtype=dtype, progress=False)
+    ranges = np.array(json.loads((out / "_manifest.json").read_text())["ranges"], dtype=np.float32)
+    # The ranges of the first 1000 rows, fixed once: every shard equals the whole corpus quantised at once.
+    np.testing.assert_allclose(ranges, [floats[:1000].min(axis=0), floats[:1000].max(axis=0)], atol=1e-6)
+    stored = vectors(out)
+    assert stored.dtype == np.dtype(dtype) and stored.shape == floats.shape
+    assert np.abs(stored.astype(int) - quantize_embeddings(floats, dtype, ranges=ranges).astype(int)).max() <= 1
+    # Shards redone later (last first) are byte for byte the ones that ran first.
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    for index in (4, 0, 2):
+        (again / f"part-{index:05d}.parquet").unlink()
+    summary = embed_corpus(tiny_cls, corpus, again, devices=["cpu"], shard_size=300, output_dtype=dtype,
+                           progress=False)
+    assert summary["shards_done"] == 3 and checksums(again) == checksums(out)
+    # Stock quantisation without fixed ranges takes them from each batch: shards would not be comparable.
+    assert not np.array_equal(quantize_embeddings(floats[:300], dtype)[:10], quantize_embeddings(floats, dtype)[:10])
+
+
+def test_given_int8_ranges_are_used_and_recorded(tiny_cls, corpus, floats, tmp_path):
+    ranges = np.stack([np.full(32, -0.5), np.full(32, 0.5)]).astype(np.float32)
+    embed_corpus(tiny_cls, corpus, tmp_path / "out", devices=["cpu"], output_dtype="int8", int8_ranges=ranges,
+                 progress=False)
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["ranges"] == ranges.tolist()
+    expected = quantize_embeddings(floats, "int8", ranges=ranges).astype(int)
+    assert np.abs(vectors(tmp_path / "out").astype(int) - expected).max() <= 1
+    with pytest.raises(UsageError, match=r"int8_ranges must be a \(2, dimension\)"):
+        embed_corpus(tiny_cls, corpus, tmp_path / "bad", devices=["cpu"], output_dtype="int8", int8_ranges=ranges[0])
+    with pytest.raises(UsageError, match="int8_ranges have 8 dimensions"):
+        embed_corpus(tiny_cls, corpus, tmp_path / "bad", devices=["cpu"], output_dtype="int8",
+                     int8_ranges=ranges[:, :8], progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["binary", "ubinary"])
+def test_binary_packs_the_signs(tiny_cls, corpus, floats, tmp_path, dtype):
+    embed_corpus(tiny_cls, corpus, tmp_path / "out", devices=["cpu"], shard_size=400, output_dtype=dtype,
+                 progress=False)
+    stored = vectors(tmp_path / "out")
+    assert stored.shape == (ROWS, 4)  # 32 dimensions, 8 to a byte
+    np.testing.assert_array_equal(stored, quantize_embeddings(floats, dtype))
+
+
+def test_truncate_dim_keeps_the_first_dimensions_as_stock_does(tiny_cls, corpus, tmp_path):
+    embed_corpus(tiny_cls, corpus, tmp_path / "out", devices=["cpu"], truncate_dim=16, progress=False)
+    stock = SentenceTransformer(str(tiny_cls), device="cpu").encode(corpus.read_text().splitlines(), truncate_dim=16)
+    np.testing.assert_allclose(vectors(tmp_path / "out"), stock, atol=1e-6)
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["model"]["dimension"] == 16
