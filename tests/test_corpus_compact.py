@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import REPO
 
 pyarrow = pytest.importorskip("pyarrow", reason='the corpus job needs pyarrow: pip install "st-npu[corpus]"')
 import pyarrow.parquet as pq  # noqa: E402
@@ -92,3 +97,41 @@ def test_truncate_dim_keeps_the_first_dimensions_as_stock_does(tiny_cls, corpus,
     stock = SentenceTransformer(str(tiny_cls), device="cpu").encode(corpus.read_text().splitlines(), truncate_dim=16)
     np.testing.assert_allclose(vectors(tmp_path / "out"), stock, atol=1e-6)
     assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["model"]["dimension"] == 16
+
+
+class _FakeIndex:
+    """Stands in for a FAISS index: keeps its dimension and what was added."""
+
+    def __init__(self, dimension):
+        self.dimension, self.added = dimension, None
+
+    def add(self, vectors):
+        self.added = vectors
+
+
+def readme_faiss_snippet() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Into FAISS"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8", "uint8", "binary", "ubinary"])
+def test_readme_faiss_snippet_gives_faiss_the_vectors(tiny_cls, corpus, floats, tmp_path, monkeypatch, dtype):
+    embed_corpus(tiny_cls, corpus, tmp_path / "passages.emb", devices=["cpu"], output_dtype=dtype, progress=False)
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=_FakeIndex, IndexBinaryFlat=_FakeIndex))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(readme_faiss_snippet(), scope)  # noqa: S102 - README's code, as a user would paste it
+    index = scope["index"]
+    assert scope["ids"].tolist() == list(range(ROWS))
+    if "binary" in dtype:
+        assert index.dimension == 32 and index.added.dtype == np.uint8
+        np.testing.assert_array_equal(index.added, np.packbits(floats > 0, axis=-1))
+    else:
+        assert index.dimension == 32 and index.added.dtype == np.float32
+        # int8: back within one step of each dimension's range (the first 1000 rows' ranges; later rows may be
+        # outside them, and are clipped)
+        low, high = floats[:1000].min(axis=0), floats[:1000].max(axis=0)
+        tolerance = 2e-3 if dtype == "float16" else ((high - low) / 255).max() + 1e-6
+        inside = ((floats >= low) & (floats <= high)).all(axis=1)
+        assert np.abs(index.added[inside] - floats[inside]).max() <= tolerance

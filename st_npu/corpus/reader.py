@@ -241,7 +241,7 @@ def read_shard(plan: ShardPlan, fields: Fields, skip_empty: bool = False, skip_b
                                                                      checkpoint * CHECKPOINT_ROWS))
             skip = first - checkpoint * CHECKPOINT_ROWS
         else:
-            records, skip = _column_records(path, fields, first_row), first
+            records, skip = _column_records(path, fields, first_row, first), first - _skipped_rows(path, first)
         for offset, record in enumerate(islice(records, skip, skip + last - first)):
             _add(shard, first_row + first + offset, record, fields, skip_empty, skip_bad_rows)
     return shard
@@ -300,9 +300,11 @@ def _identity(record: dict[str, Any], field_name: str, where: str) -> Any:
     return value
 
 
-def _column_records(path: Path, fields: Fields, first_row: int) -> Iterator[Record]:
-    number = 0
-    for batch in _arrow_batches(path, fields):
+def _column_records(path: Path, fields: Fields, first_row: int, start: int = 0) -> Iterator[Record]:
+    """The records of a Parquet or CSV file from about row ``start``: whole Parquet row groups before it are not
+    read; the first record's row is ``first_row`` plus the rows passed over (see :func:`_skipped_rows`)."""
+    number = _skipped_rows(path, start)
+    for batch in _arrow_batches(path, fields, number):
         columns = {name: batch.column(name).to_pylist() for name in fields.needed()}
         for offset in range(batch.num_rows):
             number += 1
@@ -319,14 +321,32 @@ def _column_records(path: Path, fields: Fields, first_row: int) -> Iterator[Reco
             yield text, identity, {name: columns[name][offset] for name in fields.keep}, where
 
 
-def _arrow_batches(path: Path, fields: Fields) -> Iterator[Any]:
+def _skipped_rows(path: Path, start: int) -> int:
+    """Rows of the Parquet row groups that end before row ``start`` (a CSV file is read from its first row)."""
+    if not start or path.suffix.lower() != ".parquet":
+        return 0
+    metadata, skipped = pyarrow_modules()[1].ParquetFile(path).metadata, 0
+    for group in range(metadata.num_row_groups):
+        rows = metadata.row_group(group).num_rows
+        if skipped + rows > start:
+            break
+        skipped += rows
+    return skipped
+
+
+def _arrow_batches(path: Path, fields: Fields, skipped: int = 0) -> Iterator[Any]:
     pyarrow, parquet, csv = pyarrow_modules()
     needed = fields.needed()
     try:
         if path.suffix.lower() == ".parquet":
             handle = parquet.ParquetFile(path)
             _check_columns(path, needed, handle.schema_arrow.names)
-            yield from handle.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=needed)
+            groups, rows = [], 0
+            for group in range(handle.metadata.num_row_groups):
+                if rows >= skipped:
+                    groups.append(group)
+                rows += handle.metadata.row_group(group).num_rows
+            yield from handle.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=needed, row_groups=groups)
             return
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         header = csv.open_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter))
