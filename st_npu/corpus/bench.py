@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory(prefix="st-npu-corpus-bench-") as folder:
         work = Path(folder)
-        print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; tiny BERT, batch 32, max_seq_length 32, shards of "
-              f"10,000 rows")
+        print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; tiny BERT, batch 32, max_seq_length 32")
         if args.part != "memory":
             _throughput(args, work, env)
         if args.part != "throughput":
@@ -116,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
 def _throughput(args: argparse.Namespace, work: Path, env: dict[str, str]) -> None:
     corpus = write_corpus(work / "throughput.txt", args.throughput_rows)
     emulate = {**env, "ST_NPU_EMULATE": "2"}
-    print(f"\n{args.throughput_rows:,} short texts; times include loading and warming each model, Ray's leave out "
-          f"starting Ray\n")
+    print(f"\n{args.throughput_rows:,} short texts, shards of 2,000 rows; times include loading and warming each "
+          f"model, Ray's leave out starting Ray\n")
     print("| run | rows/s | time (s) | per device or actor |\n|---|---|---|---|")
     started = time.perf_counter()
     _run([sys.executable, "-c", PLAIN_LOOP, args.model, str(corpus), "npu:0", str(work / "plain.json")], emulate,
@@ -126,14 +125,14 @@ def _throughput(args: argparse.Namespace, work: Path, env: dict[str, str]) -> No
     print(f"| plain `model.encode` loop, one emulated npu | {plain['rows_per_s']} | {plain['seconds']} | - |")
     for label, extra, npus in (("local engine, two emulated NPUs", ["--devices", "npu:0,npu:1"], None),
                                ("Ray engine, two emulated NPUs", ["--engine", "ray"], 2)):
-        summary = run_job(args.model, corpus, work, label.split()[0], extra, emulate, npus)
+        summary = run_job(args.model, corpus, work, label.split()[0], [*extra, "--shard-size", "2000"], emulate, npus)
         per_device = "; ".join(f"{device} {figures['rows_per_s']}" for device, figures in summary["devices"].items())
         print(f"| {label} | {summary['rows_per_s']} | {summary['seconds']} | {per_device} |")
     print(f"\n(throughput runs: {time.perf_counter() - started:.0f} s)")
 
 
 def _memory(args: argparse.Namespace, work: Path, env: dict[str, str]) -> None:
-    print("\n| texts (Ray, 2 CPU actors) | driver peak RSS (MiB) | ratio to the first | model loads per actor | "
+    print("\n| texts (Ray, up to 2 CPU actors, shards of 10,000) | driver peak RSS (MiB) | ratio to the first | model loads per actor | "
           "rows/s |\n|---|---|---|---|---|")
     first = None
     for rows in map(int, args.memory_rows.split(",")):

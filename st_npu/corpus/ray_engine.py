@@ -21,7 +21,7 @@ import os
 import pickle
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +30,6 @@ from st_npu.corpus.encoder import ModelSettings, ShardEncoder
 from st_npu.corpus.reader import Fields, MissingExtra, ShardPlan, count_file, plan_shards, read_shard
 from st_npu.corpus.shards import CALIBRATION_ROWS, RANGED, ShardFormat, ShardRecord, ranges_of, shard_holds
 from st_npu.corpus.workers import Done, embed_shard
-
-if TYPE_CHECKING:
-    from st_npu.corpus.job import _Run
 
 RAY_HINT = 'the Ray engine needs Ray Data: pip install "st-npu[ray]"'
 
@@ -104,8 +101,9 @@ class ShardWriter:
         return {"result": np.array(results, dtype=object)}
 
 
-def run_ray(address: str | None, actors: int | None, run: _Run) -> None:
-    """Embed a job's shards on a Ray cluster (``address``; None starts a local Ray of this machine)."""
+def run_ray(address: str | None, actors: int | None, run: Any) -> None:
+    """Embed the shards of ``run`` (a job's run, :mod:`st_npu.corpus.job`) on a Ray cluster (``address``; None
+    starts a local Ray of this machine)."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:  # "local": a Ray already running on this machine is not joined unless asked for
@@ -145,7 +143,7 @@ def _calibrate(settings: ModelSettings, fields: Fields, plan: ShardPlan) -> tupl
     return encoder.describe(), ranges_of(encoder.encode(texts))
 
 
-def _record(run: _Run, result: dict[str, Any]) -> None:
+def _record(run: Any, result: dict[str, Any]) -> None:
     if run.state.get("model") != result["model"]:
         run.ready(result["model"])
     run.read(result["rows"], result["empty_skipped"], result["rejects"])
