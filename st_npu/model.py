@@ -24,6 +24,7 @@ from st_npu.files.outputs import atomic_folder
 from st_npu.engine.overlap import Prefetcher
 from st_npu.loading.pipeline import build_modules, instruction_prompts
 from st_npu.runtime.pools import start_pool
+from st_npu.engine.checks import check_texts
 from st_npu.engine.static_shapes import ShapePolicy, enable, padder_of
 from st_npu.engine.tokenizer_lock import tokenizer_lock
 
@@ -201,25 +202,6 @@ class SentenceTransformer(_compat.TokenLengthSorted):
     def _stock_preprocess(self, *args: Any, **kwargs: Any) -> Any:
         with tokenizer_lock(self.tokenizer):
             return super().preprocess(*args, **kwargs)
-
-
-class InvalidInputError(TypeError, ValueError):
-    """An input that is not a string: a ValueError as stock raises it, and a TypeError as it is one."""
-
-
-def check_texts(inputs: Any, singular: bool) -> None:
-    """Raise naming the first non-string input and its position; ``singular`` is stock's reading of ``inputs``
-    (only lists, tuples and arrays are batches: a generator or a set is one input, which is no text)."""
-    if isinstance(inputs, str):
-        return
-    if singular:
-        kind = "None" if inputs is None else type(inputs).__name__
-        raise InvalidInputError(f"encode() needs a string or a list or tuple of strings, got {kind}"
-                                f"{'; pass list(...) of it' if hasattr(inputs, '__iter__') else ''}.")
-    for position, item in enumerate(inputs):
-        if not isinstance(item, str):
-            raise InvalidInputError(
-                f"encode() input at index {position} is {type(item).__name__} ({item!r:.40}), expected str.")
 
 
 def _enable_graphs(model: Any, wanted: bool | None, static_shapes: bool) -> None:
