@@ -239,7 +239,8 @@ def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path, monkeypatch)
     assert set(summary["devices"]) == {"npu:0", "npu:1"}
     assert all(figures["ops"] > 0 and figures["shards"] > 0 for figures in summary["devices"].values())
     # Each worker runs torch on its share of the cores, not one thread per core of the host.
-    assert {figures["threads"] for figures in summary["devices"].values()} == {max(1, len(os.sched_getaffinity(0)) // 2)}
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {figures["threads"] for figures in summary["devices"].values()} == {share}
     ids, vectors, _ = read_output(tmp_path / "out")
     assert ids == list(range(2000))
     model = SentenceTransformer(str(tiny_cls), device="cpu")

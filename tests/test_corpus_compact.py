@@ -44,7 +44,8 @@ def vectors(folder: Path) -> np.ndarray:
 
 
 def checksums(folder: Path) -> dict[str, str]:
-    return {name: shard["sha256"] for name, shard in json.loads((folder / "_manifest.json").read_text())["shards"].items()}
+    shards = json.loads((folder / "_manifest.json").read_text())["shards"]
+    return {name: shard["sha256"] for name, shard in shards.items()}
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])

@@ -1,12 +1,10 @@
-"""What a new user hit in `st-npu embed-corpus` (issue 19): no pyarrow, README's loading snippet, the progress bar,
-resume with another batch size, duplicate ids."""
+"""What a new user hit in `st-npu embed-corpus` (issue 19): README's loading snippet, the progress bar, resume with
+another batch size, duplicate ids (and, in test_corpus_extras.py, no pyarrow)."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +24,6 @@ TEXTS = [f"passage number {index} about {'npu ' * (index % 7)}" for index in ran
 def write_texts(path: Path, texts: list[str] = TEXTS) -> Path:
     path.write_text("".join(text + "\n" for text in texts), encoding="utf-8")
     return path
-
-
-def test_without_pyarrow_the_command_refuses_before_any_work_in_one_line(tiny_cls, tmp_path):
-    source = write_texts(tmp_path / "in.txt")
-    code = ("import sys; sys.modules['pyarrow'] = None; from st_npu.cli import main; "
-            f"sys.exit(main(['embed-corpus', {str(source)!r}, '--model', {str(tiny_cls)!r}, '--device', 'cpu', "
-            f"'--output', {str(tmp_path / 'out')!r}]))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        'st-npu embed-corpus: error: st-npu embed-corpus reads and writes Parquet through pyarrow: '
-        'pip install "st-npu[corpus]"']
-    assert not (tmp_path / "out").exists()  # no model loaded, no shard embedded, nothing written
 
 
 def readme_loading_snippet() -> str:
@@ -115,8 +100,8 @@ def test_batch_size_may_change_on_resume_and_settings_that_change_vectors_may_no
     assert (summary["shards_skipped"], summary["shards_done"]) == (2, 1)
     again = pq.read_table(out)
     assert again.column("id").to_pylist() == list(range(300))
-    np.testing.assert_allclose(*(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (again, whole)),
-                               atol=1e-6)
+    embeddings = [np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (again, whole)]
+    np.testing.assert_allclose(*embeddings, atol=1e-6)
     assert json.loads((out / "_manifest.json").read_text())["settings"]["batch_size"] == 8
     for change, named in [({"max_seq_length": 16}, "max_seq_length"), ({"truncate_dim": 16}, "truncate_dim"),
                           ({"output_dtype": "int8"}, "output_dtype"), ({"dtype": "float16"}, "dtype")]:

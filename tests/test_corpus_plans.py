@@ -31,6 +31,7 @@ def test_planned_shards_read_in_place_equal_the_streamed_shards(tmp_path, monkey
     assert [count.rows for count in counts] == [23, 50, 9, 12]
     assert counts[0].checkpoints[1] == sum(len(text) + 1 for text in texts[:5])
     streamed = list(shards(files, fields, shard_size, skip_empty=True, skip_bad_rows=True))
-    planned = [read_shard(plan, fields, skip_empty=True, skip_bad_rows=True) for plan in plan_shards(counts, shard_size)]
+    planned = [read_shard(plan, fields, skip_empty=True, skip_bad_rows=True)
+               for plan in plan_shards(counts, shard_size)]
     assert [asdict(shard) for shard in planned] == [asdict(shard) for shard in streamed]
     assert sum(len(shard.rejects) for shard in planned) == 1 and sum(s.empty_skipped for s in planned) == 4

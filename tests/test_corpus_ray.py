@@ -76,7 +76,8 @@ def local_output(tiny_cls, corpus, tmp_path_factory) -> Path:
 def assert_same_output(out: Path, reference: Path, rows: int = ROWS) -> None:
     table, expected = (pq.read_table(folder) for folder in (out, reference))
     assert table.column("id").to_pylist() == expected.column("id").to_pylist() == list(range(rows))
-    vectors, expected_vectors = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (table, expected))
+    vectors, expected_vectors = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+                                 for t in (table, expected))
     np.testing.assert_allclose(vectors, expected_vectors, atol=1e-6)
     manifests = [json.loads((folder / "_manifest.json").read_text()) for folder in (out, reference)]
     for key in ("settings", "model_identity", "input", "model"):
@@ -173,3 +174,12 @@ def test_a_node_removed_mid_job_costs_no_row(cluster, tiny_cls, tmp_path):
     assert results["embedded"] == rows
     table = pq.read_table(out)
     assert sorted(table.column("id").to_pylist()) == list(range(rows))  # every id once
+
+
+def test_a_bad_row_stops_the_ray_job_naming_file_and_line(cluster, tiny_cls, tmp_path):
+    from st_npu.files.inputs import InputError
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(InputError, match=r"in.jsonl: line 2: has no field 'text'"):
+        embed_corpus(tiny_cls, source, tmp_path / "out", engine="ray", progress=False)

@@ -132,8 +132,8 @@ def _throughput(args: argparse.Namespace, work: Path, env: dict[str, str]) -> No
 
 
 def _memory(args: argparse.Namespace, work: Path, env: dict[str, str]) -> None:
-    print("\n| texts (Ray, up to 2 CPU actors, shards of 10,000) | driver peak RSS (MiB) | ratio to the first | model loads per actor | "
-          "rows/s |\n|---|---|---|---|---|")
+    print("\n| texts (Ray, up to 2 CPU actors, shards of 10,000) | driver peak RSS (MiB) | ratio to the first | "
+          "model loads per actor | rows/s |\n|---|---|---|---|---|")
     first = None
     for rows in map(int, args.memory_rows.split(",")):
         corpus = write_corpus(work / f"memory-{rows}.txt", rows)

@@ -39,7 +39,8 @@ def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], o
                  output_dtype: str = "float32", truncate_dim: int | None = None, int8_ranges: Any = None,
                  skip_empty: bool = False, on_bad_row: str = "error", on_duplicate_id: str = "error",
                  shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, engine: str = "local",
-                 ray_address: str | None = None, ray_actors: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 ray_address: str | None = None, ray_actors: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Embed every row of ``input`` into Parquet shards under ``output``; returns the job's summary.
 
     ``model`` is a model folder or hub id (each worker loads its own copy). ``devices``: every local NPU by
@@ -254,6 +255,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         threads = f", {figures['threads']} torch threads" if figures.get("threads") else ""
         lines.append(f"  {device:<10} {figures['rows']} rows in {figures['shards']} shards, "
                      f"{figures['rows_per_s']} rows/s{ops}{threads}")
+    if summary.get("actors"):
+        loads = sorted({actor["model_loads"] for actor in summary["actors"].values()})
+        lines.append(f"  {len(summary['actors'])} Ray actors; model loads per actor: {', '.join(map(str, loads))}")
     lines.append(f"output:    {summary['output']}")
     return "\n".join(lines)
 

@@ -30,6 +30,7 @@ from st_npu.corpus.encoder import ModelSettings, ShardEncoder
 from st_npu.corpus.reader import Fields, MissingExtra, ShardPlan, count_file, plan_shards, read_shard
 from st_npu.corpus.shards import CALIBRATION_ROWS, RANGED, ShardFormat, ShardRecord, ranges_of, shard_holds
 from st_npu.corpus.workers import Done, embed_shard
+from st_npu.files.inputs import InputError
 
 RAY_HINT = 'the Ray engine needs Ray Data: pip install "st-npu[ray]"'
 
@@ -86,7 +87,11 @@ class ShardWriter:
         results = []
         for plan, saved in zip(batch["plan"], batch["saved"]):
             plan: ShardPlan = pickle.loads(plan)
-            shard = read_shard(plan, self.fields, self.skip_empty, self.skip_bad_rows)
+            try:
+                shard = read_shard(plan, self.fields, self.skip_empty, self.skip_bad_rows)
+            except InputError as exc:  # the driver raises it as the local engine would, without Ray's traceback
+                results.append(json.dumps({"index": plan.index, "input_error": str(exc)}))
+                continue
             result = {"index": plan.index, "rows": plan.end - plan.start, "empty_skipped": shard.empty_skipped,
                       "rejects": [(reject.row, reject.where, reject.reason) for reject in shard.rejects],
                       "model": self.encoder.describe(), "loads": encoders.loads, **self.where}
@@ -144,6 +149,8 @@ def _calibrate(settings: ModelSettings, fields: Fields, plan: ShardPlan) -> tupl
 
 
 def _record(run: Any, result: dict[str, Any]) -> None:
+    if "input_error" in result:
+        raise InputError(result["input_error"])
     if run.state.get("model") != result["model"]:
         run.ready(result["model"])
     run.read(result["rows"], result["empty_skipped"], result["rejects"])
