@@ -190,13 +190,14 @@ class FileRows:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Where shard ``index`` (input rows ``start`` to ``end``) lies: per file, its first input row and the file's
-    rows ``(first, last)`` the shard takes."""
+    """Where shard ``index`` (input rows ``start`` to ``end``) lies: per file, its path, its first input row, the
+    file's rows ``(first, last)`` the shard takes, and where to start reading (the byte offset of a text file's
+    checkpoint line at or before ``first``, and that line's number from 0; zeros for other files)."""
 
     index: int
     start: int
     end: int
-    parts: tuple[tuple[FileRows, int, int, int], ...]  # (file, the file's first input row, first, last)
+    parts: tuple[tuple[str, int, int, int, tuple[int, int]], ...]
 
 
 def count_file(path: str, fields: Fields) -> FileRows:
@@ -224,22 +225,26 @@ def plan_shards(counts: Sequence[FileRows], shard_size: int) -> list[ShardPlan]:
     plans = []
     for index, start in enumerate(range(0, total, shard_size)):
         end = min(start + shard_size, total)
-        parts = tuple((count, first, max(start - first, 0), min(end - first, count.rows))
+        parts = tuple(_part(count, first, max(start - first, 0), min(end - first, count.rows))
                       for count, first in zip(counts, firsts) if first < end and first + count.rows > start)
         plans.append(ShardPlan(index, start, end, parts))
     return plans
 
 
+def _part(count: FileRows, first_row: int, first: int, last: int) -> tuple[str, int, int, int, tuple[int, int]]:
+    if not count.checkpoints:
+        return count.path, first_row, first, last, (0, 0)
+    checkpoint = min(first // CHECKPOINT_ROWS, len(count.checkpoints) - 1)
+    return count.path, first_row, first, last, (count.checkpoints[checkpoint], checkpoint * CHECKPOINT_ROWS)
+
+
 def read_shard(plan: ShardPlan, fields: Fields, skip_empty: bool = False, skip_bad_rows: bool = False) -> Shard:
     """The rows of one planned shard, as :func:`shards` would give them."""
     shard = Shard(plan.index, plan.start, plan.end)
-    for count, first_row, first, last in plan.parts:
-        path = Path(count.path)
+    for name, first_row, first, last, seek in plan.parts:
+        path = Path(name)
         if path.suffix.lower() in LINE_SUFFIXES:
-            checkpoint = min(first // CHECKPOINT_ROWS, len(count.checkpoints) - 1)
-            records = _line_records(path, fields, first_row, start=(count.checkpoints[checkpoint],
-                                                                     checkpoint * CHECKPOINT_ROWS))
-            skip = first - checkpoint * CHECKPOINT_ROWS
+            records, skip = _line_records(path, fields, first_row, start=seek), first - seek[1]
         else:
             records, skip = _column_records(path, fields, first_row, first), first - _skipped_rows(path, first)
         for offset, record in enumerate(islice(records, skip, skip + last - first)):
