@@ -28,7 +28,7 @@ WORDS = ("retrieval passage query index vector shard corpus model device memory 
          "embedding batch token sentence search answer").split()
 SETTINGS = ["--max-seq-length", "32", "--batch-size", "32"]
 
-# The job's driver: starts a local Ray on loopback (two emulated NPUs when NPUS is 2, else CPU actors), runs
+# The job's driver: starts a local Ray of its own ("local": never one already running) on loopback (two emulated NPUs when NPUS is 2, else CPU actors), runs
 # `st-npu embed-corpus`, and leaves its own peak RSS beside the summary.
 RAY_DRIVER = """
 import os, runpy, sys, ray
@@ -36,7 +36,7 @@ npus = int(os.environ.pop("BENCH_NPUS"))
 env = {name: os.environ[name] for name in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
 if npus:
     env["ST_NPU_EMULATE"] = str(npus)
-ray.init(num_cpus=2, resources={"NPU": npus}, include_dashboard=False, log_to_driver=False,
+ray.init(address="local", num_cpus=2, resources={"NPU": npus}, include_dashboard=False, log_to_driver=False,
          _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
 ray.data.DataContext.get_current().enable_progress_bars = False
 sys.argv[0] = "st-npu"

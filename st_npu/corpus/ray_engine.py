@@ -80,7 +80,8 @@ class ShardWriter:
         self.encoder = ShardEncoder(settings, None)
         self.fields, self.skip_empty, self.skip_bad_rows = fields, skip_empty, skip_bad_rows
         self.folder, self.form = Path(folder), form
-        self.where = {"actor": ray.get_runtime_context().get_actor_id(), "host": socket.gethostname(),
+        context = ray.get_runtime_context()
+        self.where = {"actor": context.get_actor_id(), "node": context.get_node_id(), "host": socket.gethostname(),
                       "pid": os.getpid()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,7 +155,8 @@ def _record(run: Any, result: dict[str, Any]) -> None:
     if run.state.get("model") != result["model"]:
         run.ready(result["model"])
     run.read(result["rows"], result["empty_skipped"], result["rejects"])
-    actor = run.actors.setdefault(result["actor"], {"host": result["host"], "pid": result["pid"], "shards": 0})
+    actor = run.actors.setdefault(result["actor"], {"node": result["node"], "host": result["host"],
+                                                    "pid": result["pid"], "shards": 0})
     actor["model_loads"] = result["loads"]
     if result.get("skipped"):
         run.skipped(result["rows"])
