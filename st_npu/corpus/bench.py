@@ -28,8 +28,8 @@ WORDS = ("retrieval passage query index vector shard corpus model device memory 
          "embedding batch token sentence search answer").split()
 SETTINGS = ["--max-seq-length", "32", "--batch-size", "32"]
 
-# The job's driver: starts a local Ray of its own ("local": never one already running) on loopback (two emulated NPUs when NPUS is 2, else CPU actors), runs
-# `st-npu embed-corpus`, and leaves its own peak RSS beside the summary.
+# The job's driver: starts a Ray of its own ("local": never one already running) on loopback, with two emulated
+# NPUs when BENCH_NPUS is 2, else CPU actors; runs `st-npu embed-corpus`; leaves its own peak RSS beside the summary.
 RAY_DRIVER = """
 import os, runpy, sys, ray
 npus = int(os.environ.pop("BENCH_NPUS"))
