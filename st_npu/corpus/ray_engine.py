@@ -134,7 +134,7 @@ def run_ray(address: str | None, actors: int | None, run: Any) -> None:
         dataset = ray.data.from_items(plans, override_num_blocks=len(plans)).map_batches(
             ShardWriter, fn_constructor_args=(run.settings, run.fields, run.skip_empty, run.skip_bad_rows,
                                               str(run.folder.resolve()), run.shard_format),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors), batch_size=1, batch_format="numpy",
             **options)
         for row in dataset.iter_rows():
             _record(run, json.loads(row["result"]))
