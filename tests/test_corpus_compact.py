@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
 pyarrow = pytest.importorskip("pyarrow", reason='the corpus job needs pyarrow: pip install "st-npu[corpus]"')
 import pyarrow.parquet as pq  # noqa: E402
@@ -136,3 +136,15 @@ def test_readme_faiss_snippet_gives_faiss_the_vectors(tiny_cls, corpus, floats, 
         tolerance = 2e-3 if dtype == "float16" else ((high - low) / 255).max() + 1e-6
         inside = ((floats >= low) & (floats <= high)).all(axis=1)
         assert np.abs(index.added[inside] - floats[inside]).max() <= tolerance
+
+
+def test_the_command_takes_truncate_dim_and_int8_ranges_from_a_file(tiny_cls, corpus, tmp_path):
+    ranges = np.stack([np.full(16, -0.5), np.full(16, 0.5)]).astype(np.float32)
+    np.save(tmp_path / "ranges.npy", ranges)
+    result = run_cli("embed-corpus", str(corpus), "--model", str(tiny_cls), "--device", "cpu", "--output",
+                     str(tmp_path / "out"), "--truncate-dim", "16", "--output-dtype", "int8", "--int8-ranges",
+                     str(tmp_path / "ranges.npy"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["ranges"] == ranges.tolist() and manifest["settings"]["truncate_dim"] == 16
+    assert vectors(tmp_path / "out").shape == (ROWS, 16)
