@@ -119,10 +119,13 @@ def _throughput(args: argparse.Namespace, work: Path, env: dict[str, str]) -> No
           f"model, Ray's leave out starting Ray\n")
     print("| run | rows/s | time (s) | per device or actor |\n|---|---|---|---|")
     started = time.perf_counter()
-    _run([sys.executable, "-c", PLAIN_LOOP, args.model, str(corpus), "npu:0", str(work / "plain.json")], emulate,
-         "plain loop")
-    plain = json.loads((work / "plain.json").read_text())
-    print(f"| plain `model.encode` loop, one emulated npu | {plain['rows_per_s']} | {plain['seconds']} | - |")
+    # Torch's default threads (one per core) and one thread, as each of the engines' two workers gets here.
+    for threads, label in ((None, "torch's default threads"), ("1", "1 torch thread")):
+        _run([sys.executable, "-c", PLAIN_LOOP, args.model, str(corpus), "npu:0", str(work / "plain.json")],
+             {**emulate, **({"OMP_NUM_THREADS": threads} if threads else {})}, "plain loop")
+        plain = json.loads((work / "plain.json").read_text())
+        print(f"| plain `model.encode` loop, one emulated npu, {label} | {plain['rows_per_s']} | {plain['seconds']} "
+              f"| - |")
     for label, extra, npus in (("local engine, two emulated NPUs", ["--devices", "npu:0,npu:1"], None),
                                ("Ray engine, two emulated NPUs", ["--engine", "ray"], 2)):
         summary = run_job(args.model, corpus, work, label.split()[0], [*extra, "--shard-size", "2000"], emulate, npus)
