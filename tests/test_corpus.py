@@ -251,15 +251,18 @@ def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path, monkeypatch)
 @needs_emulator
 def test_a_worker_killed_mid_job_has_its_shard_redone(tiny_cls, corpus_2k, tmp_path, capfd):
     out = tmp_path / "out"
+    # 20,000 rows in 100 shards: the job must outlast npu:1's warm-up by more than a blink, to be killed mid-way.
+    source = tmp_path / "corpus_20k.txt"
+    source.write_text(corpus_2k.read_text() * 10)
     results = {}
     job = threading.Thread(target=lambda: results.update(embed_corpus(
-        tiny_cls, corpus_2k, out, devices=["npu:0", "npu:1"], shard_size=100, max_seq_length=32, progress=False)))
+        tiny_cls, source, out, devices=["npu:0", "npu:1"], shard_size=200, max_seq_length=32, progress=False)))
     job.start()
     deadline = time.monotonic() + 300
     err = ""
     # npu:1 holds a shard once its warm-up is over and the parent has seen it ready (npu:0 may have finished a
     # few shards by then): wait for its warm-up line, then for two more shards.
-    while "shapes (up to 32 rows x 32 tokens) on npu:1" not in err:
+    while "st_npu warm-up: " not in err or " on npu:1 in " not in err:
         assert job.is_alive() and time.monotonic() < deadline
         err += capfd.readouterr().err
         time.sleep(0.05)
@@ -271,12 +274,12 @@ def test_a_worker_killed_mid_job_has_its_shard_redone(tiny_cls, corpus_2k, tmp_p
     os.kill(victim.pid, signal.SIGKILL)
     job.join(timeout=600)
     assert not job.is_alive() and results, "the job did not finish after losing a worker"
-    assert results["shards"] == 20 and _finished_shards(out) == 20
+    assert results["shards"] == 100 and _finished_shards(out) == 100
     assert "the worker on npu:1 died (killed by SIGKILL); its shard" in capfd.readouterr().err
     # npu:0 finished the job; whether npu:1 had completed a shard before it died is a matter of timing.
-    assert "npu:0" in results["devices"] and sum(d["shards"] for d in results["devices"].values()) == 20
+    assert "npu:0" in results["devices"] and sum(d["shards"] for d in results["devices"].values()) == 100
     ids, vectors, _ = read_output(out)
-    assert ids == list(range(2000))  # the dead worker's shard was redone once, nothing written twice
+    assert ids == list(range(20000))  # the dead worker's shard was redone once, nothing written twice
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
