@@ -51,7 +51,9 @@ def run_fresh(code: str, **env: str) -> subprocess.CompletedProcess[str]:
         "emulator = sys.modules['emulator'] = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(emulator)\n"
     )
+    # Without torch's backend autoload, which would install the package's own copy of the emulator first.
     environ = {k: v for k, v in os.environ.items() if not k.startswith("ST_NPU_EMULATE")} | env
+    environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=environ,
                           cwd=REPO, timeout=120)
 
@@ -393,6 +395,9 @@ def test_visible_devices_are_the_listed_ones_renumbered_from_0():
     missing = run_python("import torch, st_npu; torch.zeros(1, device='npu:2')",
                          env={"ST_NPU_EMULATE": "8", "ASCEND_RT_VISIBLE_DEVICES": "3,5"})
     assert "npu:2 does not exist" in missing.stderr
+    # A bad value leaves the npu uninstalled with a warning naming it (import torch must not fail: st-npu info
+    # reports it), and the device is then missing.
     for value, problem in (("3,9", "device 9 does not exist"), ("1,1", "a device is listed twice"), ("a", "'a' is not")):
-        bad = run_python("import st_npu", env={"ST_NPU_EMULATE": "8", "ASCEND_RT_VISIBLE_DEVICES": value})
+        bad = run_python("import torch; torch.zeros(1, device='npu:0')",
+                         env={"ST_NPU_EMULATE": "8", "ASCEND_RT_VISIBLE_DEVICES": value})
         assert bad.returncode != 0 and f"ASCEND_RT_VISIBLE_DEVICES={value!r}: {problem}" in bad.stderr

@@ -46,9 +46,11 @@ import types
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
+from torch.multiprocessing import reductions
 from torch.utils import _pytree as pytree
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
@@ -195,8 +197,10 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
             sdpa = torch.ops.aten.scaled_dot_product_attention.default
             _libraries[1].impl("scaled_dot_product_attention", functools.partial(_fallback, sdpa), "PrivateUse1")
             _libraries[1].impl("scaled_dot_product_attention", sdpa.decompose, "AutogradPrivateUse1")
-            torch.serialization.register_package(15, _no_tag, _load_on_npu)
             torch.Tensor.new_tensor = _new_tensor_on_its_device(torch.Tensor.new_tensor)
+            torch.UntypedStorage.__new__ = _npu_storages(torch.UntypedStorage.__new__)
+            for kind in (torch.Tensor, torch.nn.Parameter):
+                ForkingPickler.register(kind, _reduce_across_processes)
             sys.modules["torch_npu"] = _torch_npu_module()
             _emulator = _Emulator([_Device() for _ in range(devices)], chip, compile_delay_s, memory_limit_bytes)
             _visibility["physical"] = physical
@@ -410,14 +414,31 @@ def _new_tensor_on_its_device(new_tensor: Any) -> Any:
     return wrapper
 
 
-def _no_tag(storage: Any) -> None:
-    """Saving: torch's own tagger names an npu storage's device."""
+def _npu_storages(new: Any) -> Any:
+    # torch makes a storage on a device (torch.load, deepcopy, Storage.to) with that device's C++ allocator, which
+    # Python cannot register, and crashes without one: an npu storage is made on the host and moved instead.
+    def wrapper(cls: type, *args: Any, device: _DeviceLike | None = None, **kwargs: Any) -> torch.UntypedStorage:
+        if not (isinstance(device, (str, torch.device)) and torch.device(device).type == "npu"):
+            return new(cls, *args, **kwargs) if device is None else new(cls, *args, device=device, **kwargs)
+        host = new(cls, *args, **kwargs)
+        return torch.empty(0, dtype=torch.uint8).set_(host).to(device).untyped_storage()
+
+    return staticmethod(functools.wraps(new)(wrapper))
 
 
-def _load_on_npu(storage: Any, location: str) -> Any:
-    if not location.startswith("npu"):
-        return None
-    return torch.empty(0, dtype=torch.uint8).set_(storage).to(location).untyped_storage()
+def _reduce_across_processes(tensor: torch.Tensor) -> tuple[Any, ...]:
+    # torch shares a device tensor with another process through its device's IPC, which a Python backend lacks:
+    # an npu tensor travels through shared host memory and lands on the same npu there.
+    if tensor.device.type != "npu":
+        return reductions.reduce_tensor(tensor)
+    return _rebuild_on_npu, (type(tensor), tensor.detach().cpu(), str(tensor.device), tensor.requires_grad)
+
+
+def _rebuild_on_npu(kind: type, host: torch.Tensor, device: str, requires_grad: bool) -> torch.Tensor:
+    tensor = host.to(device)
+    if kind is torch.nn.Parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_(requires_grad)
 
 
 # --- dispatch ----------------------------------------------------------------------------------------------------
