@@ -100,3 +100,12 @@ def test_copies_storages_and_processes_keep_the_npu():
     x = torch.arange(3.0).to("npu:4")
     shared = pickle.loads(ForkingPickler.dumps(x))  # what a torch.multiprocessing queue does
     assert plain(shared, "npu:4") and torch.equal(shared.cpu(), torch.arange(3.0))
+
+
+def test_made_in_inference_mode_is_an_inference_tensor_as_on_a_device():
+    with torch.inference_mode():
+        x = torch.ones(2, device="npu:1")
+        y = torch.ones(2).to("npu:1") + 1
+    assert x.is_inference() and y.is_inference()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        x.add_(1)

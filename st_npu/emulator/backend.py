@@ -2,30 +2,33 @@
 
 ``install(devices=8)`` renames PyTorch's PrivateUse1 backend to ``npu``, registers a ``torch.npu`` module and a
 fake ``torch_npu`` module (``__emulated__ = True``), and runs every operator on an ``npu:N`` tensor by running the
-same operator on the CPU data the tensor wraps, so each operator's result is identical to the CPU's. Memory is
-counted per device as the bytes of live storages created there; the current device is per thread, as in torch_npu.
+same CPU kernel on the host memory behind it, so each operator's result is identical to the CPU's. An npu tensor is
+a plain ``torch.Tensor``, as torch_npu's are: its storage is on ``npu:N`` and has a real pointer (into host memory),
+and a tensor made in inference mode is an inference tensor. Memory is counted per device as the bytes of live
+storages created there; the current device is per thread, as in torch_npu.
 
 What it proves: device plumbing (tensors land on, stay on and move between the right ``npu:N``; mixing devices in
 one operator raises, as on a real accelerator), shapes and dtypes, host<->device transfers, how many operators a
 workload compiles, memory accounting and out-of-memory handling, and that stock sentence-transformers and
 transformers take their NPU branches (``torch_npu`` importable, ``torch.npu.is_available()``).
 What it does not prove: anything about Ascend kernels -- which operators exist on the chip, their numerics
-(fp16/bf16 accumulation, fused kernels), or speed. Operators dispatch per device type, so a few composites take
-another path than on the CPU (scaled_dot_product_attention takes the math path), and whole models agree with the
-CPU to ~1e-7 rather than bit for bit. Known gaps, all from PyTorch's Python device guard (it reports one device to
-the autograd engine and ignores device switches): backward passes run on ``npu:0`` only; ``set_device`` and
-``torch.npu.device`` steer where factory functions put a bare ``"npu"``, but ``Tensor.to("npu")`` always picks
-``npu:0``; ``Tensor.new(...)`` lands on the current device, not its tensor's. An npu tensor is never an inference
-tensor (its wrapper is made outside inference mode), so an in-place update outside inference mode of one made
-inside, which real devices refuse, passes here.
+(fp16/bf16 accumulation, fused kernels), or speed. In inference mode SDPA reaches the device whole and counts as one
+launch where torch_npu would send it to its fused kernel, and as its math steps elsewhere (``sdpa_unfused``).
+Known gaps, all from PyTorch's Python device guard (it reports npu:0 to the C++ side and ignores device switches):
+backward passes run on ``npu:0`` only; ``set_device`` and ``torch.npu.device`` steer where factory functions put a
+bare ``"npu"``, but ``Tensor.to("npu")`` always picks ``npu:0``; ``Tensor.new(...)`` lands on the current device,
+not its tensor's. Python cannot register a device allocator either, so a few torch entry points are adapted at
+install, for every tensor of the process: ``Tensor.new_tensor`` names its npu tensor's device, ``UntypedStorage(...,
+device="npu:N")`` (deepcopy, torch.load) allocates on the host and moves there, and ``ForkingPickler`` (a
+torch.multiprocessing queue) sends an npu tensor through shared host memory to the same ``npu:N``.
 
 Compilation model: on Ascend the first launch of an operator with a new (operator, input shapes, dtypes)
 signature compiles it. The emulator counts one compile per new signature per device (each device has its own
 cache) and sleeps ``compile_delay_s`` for it. Operators that launch no AI Core kernel are not counted: views and
 other metadata-only operators (those whose schema returns an alias of an input: view, reshape as a view, slice,
 select, as_strided, expand, permute, transpose, t, unsqueeze, squeeze, detach, alias, ... plus ``_unsafe_view``),
-allocation (``empty``, ``empty_strided``), and copies between two devices (``_to_copy``/``copy_`` host<->device
-or npu:i<->npu:j, and ``.item()``). Every operator, counted or not, adds one to ``ops``.
+allocation (``empty``, ``empty_strided``), ``set_``, and copies between two devices (``_to_copy``/``copy_``
+host<->device or npu:i<->npu:j, and ``.item()``). Every operator, counted or not, adds one to ``ops``.
 
 Registering a backend cannot be undone within a process: once installed, ``npu`` stays until the process exits
 and its device count is fixed; a later ``install`` may change only the chip, compile delay and memory limit.
@@ -191,12 +194,10 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
             _libraries[0].fallback(_fallback, dispatch_key="PrivateUse1")
             for name in _whole_operators():
                 _libraries[1].impl(name, functools.partial(_fallback, _overload(name)), "PrivateUse1")
-            # torch.load moves a storage to a device by allocating there, which needs a C++ allocator.
             # SDPA is composite. A device sees it whole (and can pick its fused kernel) with autograd off, in
             # inference mode; under autograd it is split into the math steps, as before a backend kernel.
-            sdpa = torch.ops.aten.scaled_dot_product_attention.default
-            _libraries[1].impl("scaled_dot_product_attention", functools.partial(_fallback, sdpa), "PrivateUse1")
-            _libraries[1].impl("scaled_dot_product_attention", sdpa.decompose, "AutogradPrivateUse1")
+            _libraries[1].impl("scaled_dot_product_attention", functools.partial(_fallback, _SDPA), "PrivateUse1")
+            _libraries[1].impl("scaled_dot_product_attention", _SDPA.decompose, "AutogradPrivateUse1")
             torch.Tensor.new_tensor = _new_tensor_on_its_device(torch.Tensor.new_tensor)
             torch.UntypedStorage.__new__ = _npu_storages(torch.UntypedStorage.__new__)
             for kind in (torch.Tensor, torch.nn.Parameter):
@@ -449,8 +450,9 @@ def _fallback(func: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
 
 
 def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> Any:
+    if func is _SDPA and _unfused_sdpa(args, kwargs):
+        return func.decompose(*args, **kwargs)  # the math path: each of its steps is a launch of its own
     name = func.name()
-    _note_sdpa(name, args, kwargs)
     tensors = [x for x in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(x, torch.Tensor)]
     npu_tensors = [t for t in tensors if _is_npu(t)]
     target = kwargs.get("device")  # factory operators say where their result goes
@@ -463,8 +465,7 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
         _check_same_device(name, tensors)
     devices = {t.device for t in tensors} | ({target} if target is not None else set())
     transfer = name == "aten::_local_scalar_dense" or (name in _COPY_OPS and len(devices) > 1)
-    metadata = name in _SET_OPS or _is_view(func)
-    kernel = not (transfer or metadata or name in _NO_KERNEL_OPS)
+    kernel = not (transfer or name in _SET_OPS or name in _NO_KERNEL_OPS or _is_view(func))
     index = npu_tensors[0].device.index if npu_tensors else out_index
     capture = _capture_on(index)
     if capture is not None and (transfer or name in _DATA_DEPENDENT_OPS):
@@ -666,7 +667,7 @@ _DATA_DEPENDENT_OPS = frozenset({
     "aten::_unique2", "aten::unique_dim", "aten::_unique", "aten::bincount", "aten::repeat_interleave.Tensor",
 })
 _CAPTURE_ERROR = "NPU error: operation not permitted when stream is capturing"
-_SDPA_OPS = frozenset({"aten::scaled_dot_product_attention", "aten::_fused_sdp_choice"})
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 class _Slot:
@@ -762,11 +763,9 @@ def _capture_on(index: int | None) -> _Capture | None:
     return capture if capture is not None and capture.thread == threading.get_ident() else None
 
 
-def _note_sdpa(name: str, args: tuple, kwargs: dict) -> None:
-    """Count SDPA calls torch_npu would not send to npu_fusion_attention: a non-bool mask, non-4-D inputs, or a chip
-    before the 910B (op-plugin's ScaledDotProductAttention kernel)."""
-    if name not in _SDPA_OPS or not _is_npu(args[0]):
-        return
+def _unfused_sdpa(args: tuple, kwargs: dict) -> bool:
+    """Whether torch_npu would not send this SDPA call to npu_fusion_attention (a non-bool mask, non-4-D inputs, or a
+    chip before the 910B: op-plugin's ScaledDotProductAttention kernel); counts such calls."""
     query, index = args[0], args[0].device.index
     mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
     fused = (query.dim() == 4 and (mask is None or mask.dtype == torch.bool)
@@ -774,6 +773,7 @@ def _note_sdpa(name: str, args: tuple, kwargs: dict) -> None:
     if not fused:
         with _lock:
             _require().devices[index].sdpa_unfused += 1
+    return not fused
 
 
 class NPUGraph:
