@@ -65,11 +65,14 @@ def test_torch_load_puts_a_plain_tensor_back_on_its_npu():
 
 
 def test_encode_to_tensor_on_an_npu_model(tiny_cls):
+    expected = sentence_transformers.SentenceTransformer(str(tiny_cls), device="cpu").encode(
+        TEXTS, convert_to_tensor=True)
     with patching.patch():
         model = sentence_transformers.SentenceTransformer(str(tiny_cls), device="npu:3")
         embeddings = model.encode(TEXTS, convert_to_tensor=True)
         single = model.encode(TEXTS[0], convert_to_tensor=True)
     assert plain(embeddings, "npu:3") and plain(single, "npu:3")
+    assert torch.allclose(embeddings.cpu(), expected, atol=1e-6)
 
 
 def test_a_pool_returns_the_type_a_single_process_returns(tiny_cls, monkeypatch):
