@@ -17,6 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 _PUBLIC = {
     "SentenceTransformer": "st_npu.model",
+    "CrossEncoder": "st_npu.cross_encoder",
     "LLMEmbedder": "st_npu.llm_embedder",
     "ShapePolicy": "st_npu.engine.static_shapes",
     "patch": "st_npu.patching",

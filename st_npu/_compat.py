@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import sentence_transformers
@@ -21,7 +21,63 @@ except ImportError:  # pragma: no cover - exercised only on sentence-transformer
     from sentence_transformers.models import Normalize, Pooling, Transformer
 
 StockSentenceTransformer = sentence_transformers.SentenceTransformer
+StockCrossEncoder = sentence_transformers.CrossEncoder
+StockSparseEncoder = getattr(sentence_transformers, "SparseEncoder", None)
 CORE_MODULES = {"Transformer": Transformer, "Pooling": Pooling, "Normalize": Normalize}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How stock runs one call of a model class, which is what the engine hooks into.
+
+    The hook points, the same in 5.x and 6.x: ``entry`` (``encode``, ``predict``) sorts its inputs, and for each batch
+    calls ``self.preprocess(batch, prompt=prompt, **kwargs)``, moves the features to the device and calls
+    ``self.forward(features)`` (5.x) or ``self(features)`` (6.x, so that ``model.compile()`` applies): both reach an
+    instance attribute named ``forward``. It then reads ``row_output`` of each row. ``grouped``: whether one call can
+    run as several calls of the entry, one per sequence bucket (a sparse encoder's post-processing is not row-wise).
+    """
+
+    entry: str
+    row_output: str
+    grouped: bool
+
+
+def model_kind(model: Any) -> Kind | None:
+    """The kind of a sentence-transformers model, or None for a class the engine does not know."""
+    if isinstance(model, StockCrossEncoder):
+        return Kind("predict", "scores", grouped=True)
+    if StockSparseEncoder is not None and isinstance(model, StockSparseEncoder):
+        return Kind("encode", "sentence_embedding", grouped=False)
+    if isinstance(model, StockSentenceTransformer):
+        return Kind("encode", "sentence_embedding", grouped=True)
+    return None
+
+
+def model_classes() -> list[type]:
+    """The stock model classes the engine accelerates (and ``patch()`` wraps), those this release has."""
+    return [cls for cls in (StockSentenceTransformer, StockCrossEncoder, StockSparseEncoder) if cls is not None]
+
+
+def name_or_path(model: Any) -> str | None:
+    """Where the model's transformer was loaded from, as transformers records it (a hub id or a folder)."""
+    transformer = hf_transformer(model)
+    config = getattr(getattr(transformer, "auto_model", None), "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def entry_signature(model: Any, kind: Kind) -> inspect.Signature:
+    """The signature of the stock entry method (its first parameter after self is the inputs)."""
+    return inspect.signature(getattr(type(model), kind.entry))
+
+
+def hf_transformer(model: Any) -> Any | None:
+    """The Hugging Face transformer module the engine accelerates: the model's first module, when it is stock's
+    ``Transformer`` with a tokenizer it calls (not a StaticEmbedding, WordEmbeddings or Router, which have no sequence
+    dimension to bucket or run routes of their own)."""
+    first = model[0] if len(model) else None
+    if not isinstance(first, Transformer) or not callable(getattr(first, "tokenizer", None)):
+        return None
+    return first
 
 
 def _accepts(function: Any, name: str) -> bool:
@@ -117,23 +173,3 @@ def predicted_batches(model: Any, inputs: list[Any], batch_size: int) -> list[li
         return None
     ordered = [inputs[index] for index in order]
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
-
-
-# One token per CJK character, word or punctuation mark: close to BERT's WordPiece count in any script.
-_TOKEN_LIKE = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff]|\w+|[^\w\s]")
-
-
-class TokenLengthSorted(StockSentenceTransformer):
-    """Stock, except that encode groups texts into batches by estimated token count, not by characters.
-
-    Stock sorts by ``len(text)``; a Chinese character is a token, an English word of five letters is one too,
-    so on mixed zh/en text a batch pads short English texts to the length of long Chinese ones. On the mixed
-    benchmark corpus at batch 32 this estimate raises padding efficiency (real tokens / computed tokens)
-    from 0.63 to 0.85.
-    """
-
-    @staticmethod
-    def _input_length(sample: Any) -> int:
-        if isinstance(sample, str):
-            return len(_TOKEN_LIKE.findall(sample))
-        return StockSentenceTransformer._input_length(sample)

@@ -1,22 +1,22 @@
-"""``st_npu.patch()``: unchanged code that builds stock ``sentence_transformers.SentenceTransformer`` runs on NPUs.
+"""``st_npu.patch()``: unchanged code that builds stock sentence-transformers models runs on NPUs.
 
 Frameworks build their own stock ``SentenceTransformer`` and scripts call ``SentenceTransformer(name)`` with no
 device. Stock then answers a bare ``"npu"`` that ignores ``LOCAL_RANK`` and fails unless torch_npu was imported
 first; torch_npu's ``transfer_to_npu`` rewrites torch for the whole process and cannot be undone. ``patch()``
-changes two attributes of one class, keeps each original, and ``undo()``/``unpatch()`` put them back.
+changes two attributes of each model class, keeps each original, and ``undo()``/``unpatch()`` put them back.
 
-What the patch changes (``PatchHandle.changes``), and how each is restored:
+What the patch changes (``PatchHandle.changes``), and how each is restored, for ``SentenceTransformer``,
+``CrossEncoder`` and ``SparseEncoder`` alike:
 
-- ``sentence_transformers.SentenceTransformer.__init__`` is wrapped (undo sets the original function back).
-  With no device and no ``device_map`` it picks ``npu:{LOCAL_RANK or 0}`` when an NPU is usable; ``"npu"``,
-  ``"npu:N"`` and ``torch.device("npu", N)`` are resolved by st_npu, which loads torch_npu and checks the index.
-  After stock's constructor it casts to the patch's dtype and turns on static shapes (and warm-up) from
-  ``st_npu.engine.static_shapes``, bool attention masks (``st_npu.engine.attention``) and graph mode (``st_npu.engine.graphs``,
-  instance attributes on that model only). Other devices, and machines without an NPU, get stock behaviour.
-  ``st_npu.SentenceTransformer`` instances are left to their own constructor, which does all of this already.
-- ``sentence_transformers.SentenceTransformer.start_multi_process_pool`` is set on the class (stock inherits it
-  from a base class, so undo deletes it again): see ``start_pool``. ``encode(texts, device=[...])`` goes
-  through it too.
+- ``__init__`` is wrapped (undo sets the original function back). With no device and no ``device_map`` it picks
+  ``npu:{LOCAL_RANK or 0}`` when an NPU is usable; ``"npu"``, ``"npu:N"`` and ``torch.device("npu", N)`` are resolved
+  by st_npu, which loads torch_npu and checks the index. After stock's constructor it casts to the patch's dtype,
+  gives a known model its instruction prompts (llm-embedder's tasks; the model's own prompts win) and hands the model
+  to the engine (:func:`st_npu.engine.accelerate`, instance attributes on that model only), exactly as
+  ``st_npu.SentenceTransformer`` does; models on other devices get the engine's CPU defaults. st_npu's own classes
+  are left to their own constructors, which do all of this already.
+- ``start_multi_process_pool`` is set on the class (stock inherits it from a base class, so undo deletes it again):
+  see ``start_pool``. ``encode(texts, device=[...])`` goes through it too.
 
 Nothing else: no torch globals, no module-level functions, nothing in torch_npu. ``patch()`` is also a context
 manager, and ``st-npu run script.py`` runs a script with it active (``run_script``).
@@ -39,10 +39,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import sentence_transformers
 import torch
 
-from st_npu.engine import attention, graphs, static_shapes
+from st_npu import _compat
+from st_npu.engine import Options, accelerate
+from st_npu.loading.folder import recognise_model
+from st_npu.loading.pipeline import instruction_prompts
 from st_npu.runtime.devices import check_dtype_supported, names_npu, npu_count, resolve_device, resolve_dtype
 from st_npu.runtime.pools import start_pool
 
@@ -127,7 +129,8 @@ def patch(
     static_shapes: bool | None = None, warmup: bool = False, dtype: str | torch.dtype | None = None,
     graphs: bool | None = None,
 ) -> PatchHandle:
-    """Make every stock ``SentenceTransformer`` built from now on NPU-aware, until ``undo()``/``unpatch()``.
+    """Make every stock ``SentenceTransformer``, ``CrossEncoder`` and ``SparseEncoder`` built from now on
+    NPU-aware, until ``undo()``/``unpatch()``.
 
     Args:
         static_shapes: pad batches to a few fixed shapes (``st_npu.engine.static_shapes``); ``None`` turns them on for
@@ -150,11 +153,12 @@ def patch(
                 warnings.warn(f"st_npu.patch() is already active with {_active.options}; this call changes nothing "
                               f"(unpatch() first to change the options).", RuntimeWarning, stacklevel=2)
             return PatchHandle(options, [])
-        model_class = sentence_transformers.SentenceTransformer
-        _active = PatchHandle(options, [
-            _replace(model_class, "__init__", _patched_init(model_class.__init__, options)),
-            _replace(model_class, "start_multi_process_pool", _patched_start(model_class.start_multi_process_pool)),
-        ])
+        changes = []
+        for model_class in _compat.model_classes():
+            changes += [_replace(model_class, "__init__", _patched_init(model_class.__init__, options)),
+                        _replace(model_class, "start_multi_process_pool",
+                                 _patched_start(model_class.start_multi_process_pool))]
+        _active = PatchHandle(options, changes)
         return _active
 
 
@@ -200,9 +204,11 @@ def _patched_init(original: Callable[..., None], options: PatchOptions) -> Calla
 
 
 def _built_by_st_npu(model: Any) -> bool:
-    from st_npu.model import SentenceTransformer  # st_npu.model may import this module: resolve at call time
+    # Resolved at call time: st_npu's classes may import this module.
+    from st_npu.cross_encoder import CrossEncoder
+    from st_npu.model import SentenceTransformer
 
-    return isinstance(model, SentenceTransformer)
+    return isinstance(model, (SentenceTransformer, CrossEncoder))
 
 
 def _npu_for(arguments: dict[str, Any]) -> torch.device | None:
@@ -220,20 +226,12 @@ def _npu_for(arguments: dict[str, Any]) -> torch.device | None:
 def _finish(model: Any, options: PatchOptions) -> None:
     if options.dtype is not None:
         model.to(options.dtype)
-    wanted = options.static_shapes if options.static_shapes is not None else model.device.type == "npu"
-    if not wanted:
-        return
-    static_shapes.enable(model)
-    if model.device.type == "npu":
-        attention.enable(model)
-    if options.graphs is not False:
-        reason = graphs.unavailable_reason(model.device)
-        if reason is None:
-            graphs.enable(model)
-        elif options.graphs:
-            raise ValueError(f"st_npu.patch(graphs=True): {reason}")
-    if options.warmup:
-        graphs.warmup(model)
+    spec = recognise_model(model)
+    for name, prompt in instruction_prompts(spec).items():
+        model.prompts.setdefault(name, prompt)
+    engine = accelerate(model, Options(options.static_shapes, options.graphs, spec=spec))
+    if options.warmup and engine is not None and engine.policy is not None:
+        engine.warmup()
 
 
 # --- multi-process pools -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from conftest import needs_emulator
 
 import st_npu
 from st_npu import _compat
-from st_npu.engine.static_shapes import ShapePolicy, disable, enable, policy_of
+from st_npu.engine import Options, ShapePolicy, accelerate, engine_of
 from st_npu.emulator import backend as emulator
 from st_npu.evaluation.workloads import mixed_corpus
 
@@ -46,23 +46,23 @@ def test_static_shapes_are_numerically_neutral_on_real_weights(fixture, request)
     assert max((a - b).abs().max().item() for a, b in zip(tokens, stock_tokens)) <= 1e-5
 
 
-def test_padding_reaches_the_model_and_disable_restores_stock(tiny_cls):
+def test_padding_reaches_the_model_and_undo_restores_stock(tiny_cls):
     model = st_npu.SentenceTransformer(tiny_cls, device="cpu", static_shapes=True)
     shapes = []
     handle = model[0].register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0]["input_ids"].shape)))
     model.encode(["a b c", "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"],
                  batch_size=3)
     assert shapes == [(1, 16), (1, 32)]  # one bucket group each: the long text no longer pads the short one
-    disable(model)
-    assert "preprocess" not in model.__dict__ and not model[-1]._forward_hooks
+    engine_of(model).undo()
+    assert not {"encode", "preprocess", "forward", "_input_length"} & set(model.__dict__) and engine_of(model) is None
     model.encode(["a b c"])
     handle.remove()
     assert shapes[-1] == (1, 5)
 
 
 def test_static_shapes_default_on_for_npu_only(tiny_cls):
-    assert policy_of(st_npu.SentenceTransformer(tiny_cls, device="cpu")) is None
-    assert policy_of(st_npu.SentenceTransformer(tiny_cls, device="npu:0")) is not None
+    assert engine_of(st_npu.SentenceTransformer(tiny_cls, device="cpu")).policy is None
+    assert engine_of(st_npu.SentenceTransformer(tiny_cls, device="npu:0")).policy is not None
 
 
 @needs_emulator
@@ -84,12 +84,13 @@ def test_warmup_needs_static_shapes(tiny_cls):
         st_npu.SentenceTransformer(tiny_cls, device="cpu").warmup()
 
 
-def test_enable_works_on_a_stock_model(tiny_cls):
-    stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="cpu")
+def test_accelerate_works_on_a_stock_model_and_again_replaces_itself(tiny_cls):
+    stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="npu:0")
     expected = stock.encode(CORPUS[:20], batch_size=6)
-    enable(stock)
-    enable(stock)  # idempotent: one hook, one wrapper
-    assert len(stock[-1]._forward_hooks) == 1
+    first = accelerate(stock)
+    second = accelerate(stock)  # replaces the first: one engine, one set of hooks
+    assert engine_of(stock) is second and second is not first
+    assert len(stock[0]._forward_pre_hooks) == 1
     assert np.abs(stock.encode(CORPUS[:20], batch_size=6) - expected).max() <= 1e-6
 
 
@@ -98,7 +99,7 @@ def test_overlap_keeps_order_and_uses_prefetched_batches(tiny_cls):
     texts = [" ".join(["word"] * (20 + i % 7)) + f" {i}" for i in range(40)]  # 23 to 29 tokens
     reference = st_npu.SentenceTransformer(tiny_cls, device="cpu", overlap=False).encode(texts, batch_size=8)
     model = st_npu.SentenceTransformer(tiny_cls, device="npu:0")
-    assert model.overlap
+    assert engine_of(model).prefetch
     got = model.encode(texts, batch_size=8)
     batches = -(-len(texts) // 8)
     assert model.last_overlap == {"hits": batches - 1, "misses": 0}
@@ -128,7 +129,7 @@ def test_out_of_memory_splits_the_batch_and_keeps_order(tiny_cls, caplog):
     assert peaks[12] > peaks[6]
     emulator.set_memory_limit((peaks[6] + peaks[12]) // 2)
     try:
-        with caplog.at_level(logging.WARNING, logger="st_npu.model"):
+        with caplog.at_level(logging.WARNING, logger="st_npu.engine.oom"):
             got = model.encode(texts, batch_size=16)
             model.encode(texts, batch_size=16)
     finally:

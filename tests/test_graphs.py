@@ -19,8 +19,8 @@ import torch
 from conftest import needs_emulator
 
 import st_npu
-from st_npu.engine import attention, graphs
-from st_npu.engine.static_shapes import ShapePolicy, padder_of, sample_features
+from st_npu.engine import Options, ShapePolicy, accelerate, attention, context, engine_of
+from st_npu.engine.static_shapes import Tails
 from st_npu.emulator import backend as emulator
 from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
@@ -101,7 +101,7 @@ def test_capture_refuses_a_host_sync(sync):
 @needs_emulator
 def test_graph_mode_replays_one_graph_per_batch_with_eager_and_stock_results(tiny_cls):
     model = _model(tiny_cls, "npu:1")
-    assert len(graphs.runner_of(model).graphs) == len(POLICY.for_model(model.max_seq_length).shapes(8))
+    assert len(engine_of(model).graphs.graphs) == len(POLICY.for_model(model.max_seq_length).shapes(8))
     emulator.reset_stats()
     got = model.encode(TEXTS, batch_size=8)
     counts = emulator.stats()["per_device"][1]
@@ -142,7 +142,7 @@ def test_a_capture_that_fails_falls_back_to_eager_with_one_warning(tiny_cls, cap
         got = model.encode(TEXTS, batch_size=8)
     warnings = [r.message for r in caplog.records if "Graph capture failed" in r.message]
     assert len(warnings) == 1 and "not permitted when stream is capturing" in warnings[0]
-    assert not graphs.runner_of(model).graphs
+    assert not engine_of(model).graphs.graphs
     assert np.abs(got - reference).max() <= 1e-6
 
 
@@ -160,7 +160,7 @@ def test_graphs_on_two_devices(tiny_cls):
 def test_patch_turns_graphs_on_for_stock_models(tiny_cls):
     with st_npu.patch(warmup=True):
         stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="npu:7")
-    assert graphs.runner_of(stock).graphs
+    assert engine_of(stock).graphs.graphs
     emulator.reset_stats()
     got = stock.encode(seed_sentences(), batch_size=32)
     counts = emulator.stats()["per_device"][7]
@@ -171,8 +171,8 @@ def test_patch_turns_graphs_on_for_stock_models(tiny_cls):
 
 @needs_emulator
 def test_graphs_are_off_where_they_cannot_run(tiny_cls):
-    assert graphs.runner_of(st_npu.SentenceTransformer(tiny_cls, device="cpu")) is None
-    assert graphs.runner_of(st_npu.SentenceTransformer(tiny_cls, device="npu:0", graphs=False)) is None
+    assert engine_of(st_npu.SentenceTransformer(tiny_cls, device="cpu")).graphs is None
+    assert engine_of(st_npu.SentenceTransformer(tiny_cls, device="npu:0", graphs=False)).graphs is None
     with pytest.raises(ValueError, match="graphs=True"):
         st_npu.SentenceTransformer(tiny_cls, device="cpu", graphs=True)
 
@@ -191,7 +191,7 @@ def test_sdpa_with_a_float_mask_misses_the_fused_kernel():
 @pytest.mark.skipif(os.environ.get("ST_NPU_TEST_DEVICE") != "npu", reason="needs Ascend (ST_NPU_TEST_DEVICE=npu)")
 def test_graphs_on_ascend(tiny_cls):
     model = _model(tiny_cls, "npu:0")
-    assert graphs.runner_of(model).graphs, graphs.runner_of(model).failed
+    assert engine_of(model).graphs.graphs, engine_of(model).graphs.failed
     eager = st_npu.SentenceTransformer(tiny_cls, device="npu:0", static_shapes=POLICY, graphs=False)
     assert np.abs(model.encode(TEXTS, batch_size=8) - eager.encode(TEXTS, batch_size=8)).max() <= 1e-5
 
@@ -215,8 +215,8 @@ def test_captured_graphs_share_one_pool_no_larger_than_the_eager_peak(tiny_cls):
     # The largest shape, (8, max_seq_length), with a short row: padded batches take the masked path, as captured.
     model.encode(["word " * 1000] * 7 + ["word " * 300], batch_size=8)
     eager_peak = torch.npu.max_memory_allocated(0) - resident
-    runner = graphs.enable(model)
-    assert runner.capture(8) == len(policy.for_model(model.max_seq_length).shapes(8))
+    engine = accelerate(model, Options(static_shapes=policy))
+    assert engine.capture(8) == len(policy.for_model(model.max_seq_length).shapes(8))
     held = torch.npu.memory_allocated(0) - resident
     assert eager_peak * 0.5 < held <= 1.5 * eager_peak
 
@@ -243,19 +243,17 @@ def test_two_threads_encoding_at_once_each_get_their_own_rows(tiny_cls):
 def test_an_error_between_staging_and_replay_releases_the_graph(tiny_cls):
     model = _model(tiny_cls, "npu:3")
     expected = model.encode(TEXTS, batch_size=8)
-    runner, padder = graphs.runner_of(model), padder_of(model)
+    runner = engine_of(model).graphs
+    stage = runner.stage
 
-    class FailingAfterStaging:  # an error after the batch is in the graph's buffers, before its forward
-        unstage = runner.unstage
+    def failing_after_staging(features, batch):  # the batch is in the graph's buffers; its forward never comes
+        stage(features, batch)
+        raise RuntimeError("injected failure after staging")
 
-        def stage(self, features):
-            runner.stage(features)
-            raise RuntimeError("injected failure after staging")
-
-    padder.stager = FailingAfterStaging()
+    runner.stage = failing_after_staging
     with pytest.raises(RuntimeError, match="injected"):
         model.encode(TEXTS, batch_size=8)
-    padder.stager = runner
+    runner.stage = stage
     with ThreadPoolExecutor(max_workers=1) as pool:  # a graph still held would block this encode for good
         again = pool.submit(model.encode, TEXTS, batch_size=8).result(timeout=60)
     assert np.array_equal(again, expected)
@@ -264,14 +262,17 @@ def test_an_error_between_staging_and_replay_releases_the_graph(tiny_cls):
 @needs_emulator
 def test_a_staged_batch_changed_before_its_forward_runs_eagerly_and_frees_the_graph(tiny_cls):
     model = _model(tiny_cls, "npu:5")
-    host = sample_features(model, 8, 16)
-    expected = type(model).forward(model, {key: value.to("npu:5") for key, value in host.items()
-                                           if isinstance(value, torch.Tensor)})["sentence_embedding"].cpu()
-    features = graphs.runner_of(model).stage(host)
-    changed = {**features, "input_ids": features["input_ids"].clone()}  # as a forward pre-hook might
-    emulator.reset_stats()
-    rows = model.forward(changed)["sentence_embedding"]
-    assert emulator.stats()["per_device"][5]["replays"] == 0 and torch.allclose(rows.cpu(), expected, atol=1e-6)
+    engine, batch = engine_of(model), TEXTS[:8]
+    expected = model.encode(batch, batch_size=8)
+    # As stock's encode runs its batches: in inference mode, inside a call.
+    with torch.inference_mode(), context.calling(engine, context.Call(tails=Tails())) as call:
+        features = engine.preprocess(batch)
+        assert call.batch.staged is not None
+        changed = {**features, "input_ids": features["input_ids"].clone()}  # as a forward pre-hook might
+        emulator.reset_stats()
+        rows = engine.forward(changed)["sentence_embedding"]
+    assert emulator.stats()["per_device"][5]["replays"] == 0
+    assert np.abs(rows.cpu().numpy() - expected).max() <= 1e-6
     with ThreadPoolExecutor(max_workers=1) as pool:  # the graph was released: this encode replays
         pool.submit(model.encode, TEXTS, batch_size=8).result(timeout=60)
     assert emulator.stats()["per_device"][5]["replays"] >= 1

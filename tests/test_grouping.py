@@ -9,7 +9,7 @@ import torch
 from conftest import needs_emulator
 
 import st_npu
-from st_npu.engine.static_shapes import enable
+from st_npu.engine import Options, accelerate
 from st_npu.emulator import backend as emulator
 from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
 
@@ -54,9 +54,9 @@ def _same(got, expected):
 def test_grouped_encode_returns_what_stock_returns(tiny_cls, options):
     stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="cpu")
     patched = sentence_transformers.SentenceTransformer(str(tiny_cls), device="cpu")
-    enable(patched)  # what st_npu.patch() does to a stock model
-    # output_value=None returns each row's padded inputs, which depend on how batches were formed, and
-    # st_npu.SentenceTransformer sorts by estimated tokens (TokenLengthSorted), not by characters.
+    accelerate(patched, Options(static_shapes=True))  # what st_npu.patch() does to a stock model, padding forced
+    # output_value=None returns each row's padded inputs, which depend on how batches were formed: compared on the
+    # stock model accelerated in place, whose batches form exactly as stock's.
     models = [patched] if options.get("output_value", "") is None else [
         patched, st_npu.SentenceTransformer(tiny_cls, device="cpu", static_shapes=True)]
     for ours, inputs in ((model, inputs) for model in models for inputs in (TEXTS, TEXTS[3])):

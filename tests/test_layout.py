@@ -8,7 +8,7 @@ The layers, bottom to top; a module may import its own layer and the layers belo
     1 files       loading/ (model folders, configs, fingerprints), files/ (texts in, vectors out)
     2 runtime     runtime/ (devices, pools, hints, emulation, diagnosis)
     3 engine      engine/ (static shapes, grouping, graphs, attention, overlap, per-call context)
-    4 doors       model, cross_encoder, patching, llm_embedder, options, and the package itself (its public names)
+    4 doors       model, cross_encoder, accelerated, patching, llm_embedder, options, and the package itself
     5 services    serve/, corpus/
     6 evaluation  evaluation/ (verify, bench, bench-serve, measures, workloads)
     7 commands    commands/ (one module per st-npu command)
@@ -50,7 +50,7 @@ LAYERS = {
     "st_npu.loading": 1, "st_npu.files": 1,
     "st_npu.runtime": 2,
     "st_npu.engine": 3,
-    "st_npu.model": 4, "st_npu.cross_encoder": 4, "st_npu.patching": 4, "st_npu.llm_embedder": 4, "st_npu.options": 4,
+    "st_npu.model": 4, "st_npu.cross_encoder": 4, "st_npu.accelerated": 4, "st_npu.patching": 4, "st_npu.llm_embedder": 4, "st_npu.options": 4,
     "st_npu": 4,
     "st_npu.serve": 5, "st_npu.corpus": 5,
     "st_npu.evaluation": 6,

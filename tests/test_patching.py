@@ -24,10 +24,12 @@ from sentence_transformers import util
 
 import st_npu
 from st_npu import patching
-from st_npu.engine import static_shapes
+from st_npu.engine import Engine, accelerate, engine_of
 from st_npu.runtime.devices import DeviceError
 
 StockST = sentence_transformers.SentenceTransformer
+MODEL_CLASSES = (sentence_transformers.SentenceTransformer, sentence_transformers.CrossEncoder,
+                 sentence_transformers.SparseEncoder)
 PATCHED = ("__init__", "start_multi_process_pool")
 TEXTS = ["Hello world", "A man is eating food.", "今天天气很好。", "x", "A longer sentence with more tokens. " * 4]
 
@@ -38,8 +40,8 @@ def no_leftover_patch():
     patching.unpatch()
 
 
-def own_attributes() -> dict[str, object]:
-    return {name: vars(StockST).get(name, "<inherited>") for name in PATCHED}
+def own_attributes() -> dict[tuple[str, str], object]:
+    return {(cls.__name__, name): vars(cls).get(name, "<inherited>") for cls in MODEL_CLASSES for name in PATCHED}
 
 
 # --- the patch's contract ---------------------------------------------------------------------------------------
@@ -47,18 +49,19 @@ def own_attributes() -> dict[str, object]:
 
 def test_undo_restores_the_very_same_objects():
     before = own_attributes()
-    assert before["start_multi_process_pool"] == "<inherited>"  # stock inherits it: undo must delete, not set
+    # stock inherits it: undo must delete, not set
+    assert before[("SentenceTransformer", "start_multi_process_pool")] == "<inherited>"
 
     handle = patching.patch()
     assert handle.active
-    assert handle.changes == ["sentence_transformers.SentenceTransformer.__init__",
-                              "sentence_transformers.SentenceTransformer.start_multi_process_pool"]
-    assert all(vars(StockST)[name] is not before[name] for name in PATCHED)
+    assert handle.changes == [f"sentence_transformers.{cls.__name__}.{name}" for cls in MODEL_CLASSES
+                              for name in PATCHED]
+    assert all(vars(cls)[name] is not before[(cls.__name__, name)] for cls in MODEL_CLASSES for name in PATCHED)
 
     handle.undo()
     assert not handle.active
     after = own_attributes()
-    assert all(after[name] is before[name] for name in PATCHED)
+    assert all(after[key] is before[key] for key in before)
     handle.undo()  # a second undo changes nothing
     assert own_attributes() == after
 
@@ -127,7 +130,7 @@ def test_bad_options_fail_at_patch_time():
         patching.patch(static_shapes=False, warmup=True)
     with pytest.raises(ValueError, match="Unsupported dtype"):
         patching.patch(dtype="int8")
-    assert own_attributes()["start_multi_process_pool"] == "<inherited>"
+    assert own_attributes()[("SentenceTransformer", "start_multi_process_pool")] == "<inherited>"
 
 
 # --- models built under the patch -------------------------------------------------------------------------------
@@ -163,41 +166,47 @@ def test_dtype_is_applied(tiny_cls):
 
 
 @pytest.fixture
-def recorded_static_shapes(monkeypatch) -> list[tuple[str, object]]:
-    """``st_npu.engine.static_shapes`` recording what the patch asks of it (a full warm-up is slow on the emulator)."""
-    calls: list[tuple[str, object]] = []
-    monkeypatch.setattr(static_shapes, "enable", lambda model, policy=None: calls.append(("enable", model)))
-    monkeypatch.setattr(static_shapes, "warmup",
-                        lambda model, batch_size=32, **options: calls.append(("warmup", model)) or 0)
+def recorded_engines(monkeypatch) -> list[tuple[str, object, bool]]:
+    """What the patch asks of the engine: each model accelerated (with whether its batches are padded) and each
+    warm-up, which is recorded instead of run (a full warm-up is slow on the emulator)."""
+    calls: list[tuple[str, object, bool]] = []
+
+    def recording_accelerate(model, options):
+        engine = accelerate(model, options)
+        calls.append(("accelerate", model, engine.policy is not None))
+        return engine
+
+    monkeypatch.setattr(patching, "accelerate", recording_accelerate)
+    monkeypatch.setattr(Engine, "warmup", lambda engine, *args, **kwargs: calls.append(("warmup", engine.model, True)))
     return calls
 
 
-def test_static_shapes_and_warmup_reach_every_stock_model(tiny_cls, recorded_static_shapes):
+def test_the_engine_and_its_warmup_reach_every_stock_model(tiny_cls, recorded_engines):
     with patching.patch(warmup=True):
         on_npu = StockST(str(tiny_cls))
-        on_cpu = StockST(str(tiny_cls), device="cpu")  # static_shapes=None: only models on an NPU
-    assert recorded_static_shapes == [("enable", on_npu), ("warmup", on_npu)]
-    recorded_static_shapes.clear()
+        on_cpu = StockST(str(tiny_cls), device="cpu")  # static_shapes=None: padding and warm-up on an NPU only
+    assert recorded_engines == [("accelerate", on_npu, True), ("warmup", on_npu, True), ("accelerate", on_cpu, False)]
+    recorded_engines.clear()
     with patching.patch(static_shapes=True):
         on_cpu = StockST(str(tiny_cls), device="cpu")
     with patching.patch(static_shapes=False):
-        StockST(str(tiny_cls))
-    assert recorded_static_shapes == [("enable", on_cpu)]
+        on_npu = StockST(str(tiny_cls))
+    assert recorded_engines == [("accelerate", on_cpu, True), ("accelerate", on_npu, False)]
 
 
 def test_real_static_shapes_reach_stock_models(tiny_cls):
     with patching.patch():
         model = StockST(str(tiny_cls))
-    assert static_shapes.policy_of(model) is not None
+    assert engine_of(model).policy is not None
     np.testing.assert_allclose(model.encode(TEXTS), StockST(str(tiny_cls), device="cpu").encode(TEXTS), atol=1e-6)
 
 
-def test_st_npu_models_are_left_alone(tiny_cls, recorded_static_shapes):
+def test_st_npu_models_are_left_alone(tiny_cls, recorded_engines):
     with patching.patch(dtype="float16"):
         model = st_npu.SentenceTransformer(str(tiny_cls), device="npu:1")
     assert model.device == torch.device("npu", 1)
     assert next(model.parameters()).dtype == torch.float32  # its own dtype argument, not the patch's
-    assert recorded_static_shapes == []
+    assert recorded_engines == []
 
 
 @needs_emulator
@@ -279,7 +288,7 @@ def test_run_script_errors(script, capsys):
     assert "SyntaxError" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no such script"):
         patching.run_script(str(script.with_name("missing.py")), [])
-    assert own_attributes()["start_multi_process_pool"] == "<inherited>"
+    assert own_attributes()[("SentenceTransformer", "start_multi_process_pool")] == "<inherited>"
 
 
 @needs_emulator

@@ -1,110 +1,94 @@
-"""Bucket-grouped encode: the texts of one call that fall into different sequence buckets run as separate groups.
+"""Bucket-grouped calls: the inputs of one call that fall into different sequence buckets run as separate groups.
 
-Stock ``encode`` sorts a call's texts by length and cuts batches from that order, so one long text pads every
-short text of its batch to the long one's bucket (the seed's 23 sentences: padding efficiency 0.13). Here the
-call is split by sequence bucket (:mod:`st_npu.engine.static_shapes`), each group goes through stock ``encode`` on its
-own, and the rows are put back in input order; a single group is one call, as before.
+Stock ``encode``/``predict`` sorts a call's inputs by length and cuts batches from that order, so one long text pads
+every short text of its batch to the long one's bucket (the seed's 23 sentences: padding efficiency 0.13). Here the
+call's inputs are tokenised once (:mod:`st_npu.engine.tokens`), split by the sequence bucket of their token counts,
+each group goes through the stock entry on its own, and the rows are put back in input order; a single group is one
+call, as before.
 
 The groups ask stock for host rows (``convert_to_numpy``), and the options that would run device operators on the
 real row count are done where they cost no new shape: ``normalize_embeddings`` (and ``truncate_dim``) on the padded
 batch inside the forward (row-wise, so every row's value is the one stock computes), ``convert_to_tensor`` as one
 host-to-device copy of the assembled rows instead of stock's ``torch.stack`` on the device (a new operator shape
-for every row count). ``precision`` is applied to the whole call with stock's ``quantize_embeddings``, as stock
-does. Output order, types, dtypes and devices are stock's; anything else (token embeddings, pools, non-string or
-non-list input, an unknown prompt name) goes to stock unchanged.
-
-Installed as the instance attribute ``encode`` by ``static_shapes.enable``; it also marks the span in which the
-padding ``preprocess`` pads, so ``tokenize``/``preprocess`` called outside ``encode`` return stock's shapes.
+for every row count). ``precision`` is applied to the whole call with stock's ``quantize_embeddings``, as stock does.
+Output order, types, dtypes and devices are stock's.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from st_npu import _compat
-from st_npu.engine.tokenizer_lock import tokenizer_lock
+from st_npu.engine.static_shapes import ShapePolicy, Tails
 
 
-class GroupedEncode:
-    """Shadows ``model.encode``: bucket groups, compile-free tails, padding only inside."""
+def groups(lengths: list[int], policy: ShapePolicy) -> list[list[int]]:
+    """Input positions grouped by the sequence bucket of their token count, shortest bucket first."""
+    by_bucket: dict[int, list[int]] = {}
+    for position, length in enumerate(lengths):
+        by_bucket.setdefault(policy.seq_bucket(length), []).append(position)
+    return [by_bucket[bucket] for bucket in sorted(by_bucket)]
 
-    def __init__(self, model: Any, padder: Any) -> None:
-        self.model = model
-        self.padder = padder
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        model = self.model
-        stock_encode = type(model).encode
-        try:
-            bound = _compat.stock_encode_signature().bind(model, *args, **kwargs)
-        except TypeError:
-            bound = None
-        with self.padder.inside():
-            if bound is None or not self._groupable(bound):
-                return stock_encode(model, *args, **kwargs)
-            return self._grouped(bound, stock_encode)
+def groupable(model: Any, kind: _compat.Kind, options: dict[str, Any], items: Any) -> bool:
+    """Whether a call (its bound ``options``, its inputs as a list ``items``) may run as bucket groups."""
+    prompt_name = options.get("prompt_name")
+    if not (kind.grouped and isinstance(items, list) and items and options.get("pool") is None
+            and not isinstance(options.get("device"), list) and (prompt_name is None or prompt_name in model.prompts)):
+        return False
+    if kind.entry == "predict":
+        return all(isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+                   for pair in items)
+    return options.get("output_value") == "sentence_embedding" and all(isinstance(text, str) for text in items)
 
-    def _groupable(self, bound: inspect.BoundArguments) -> bool:
-        bound.apply_defaults()
-        options = bound.arguments
-        inputs = options[_compat.ENCODE_INPUTS]
-        texts = [inputs] if isinstance(inputs, str) else inputs
-        prompt_name = options.get("prompt_name")
-        return (isinstance(texts, list) and bool(texts) and all(isinstance(text, str) for text in texts)
-                and options.get("output_value") == "sentence_embedding" and options.get("pool") is None
-                and not isinstance(options.get("device"), list)
-                and (prompt_name is None or prompt_name in self.model.prompts))
 
-    def _grouped(self, bound: inspect.BoundArguments, stock_encode: Any) -> Any:
-        model, options = self.model, dict(bound.arguments)
-        options.pop("self", None)
-        extra = options.pop("kwargs", {})
-        inputs = options.pop(_compat.ENCODE_INPUTS)
-        singular = isinstance(inputs, str)
-        texts = [inputs] if singular else inputs
-        precision = options.pop("precision")
-        convert_to_tensor = options.pop("convert_to_tensor")
-        convert_to_numpy = options.pop("convert_to_numpy") and not convert_to_tensor
-        truncate_dim = options["truncate_dim"] if options["truncate_dim"] is not None else model.truncate_dim
-        normalize = bool(options["normalize_embeddings"])
-        options.update(precision=None, convert_to_numpy=True, convert_to_tensor=False, normalize_embeddings=False)
+def call_tails(model: Any, kind: _compat.Kind, options: dict[str, Any]) -> Tails:
+    """The tails a grouped call applies in the forward; the call's own options then turn them off for stock."""
+    if kind.entry != "encode":
+        return Tails()
+    truncate_dim = options["truncate_dim"] if options["truncate_dim"] is not None else model.truncate_dim
+    return Tails(truncate_dim, bool(options["normalize_embeddings"]))
 
-        rows: np.ndarray | None = None
-        with self.padder.tails(truncate_dim, normalize) as tails:
-            for indices in self._groups(texts, options):
-                part = stock_encode(model, [texts[i] for i in indices], **options, **extra)
-                if rows is None:
-                    rows = np.empty((len(texts), *part.shape[1:]), dtype=part.dtype)
-                rows[indices] = part
-        if precision and precision != "float32":
-            rows = _compat.quantize_embeddings(rows, precision)
-        if convert_to_tensor or not convert_to_numpy:
-            tensor = torch.from_numpy(rows)
-            if not (precision and precision != "float32"):  # stock keeps float rows on the device, in their dtype
-                device = torch.device(options["device"]) if options["device"] is not None else model.device
-                tensor = tensor.to(device=device, dtype=tails.dtype or tensor.dtype)
-            result: Any = tensor if convert_to_tensor else list(tensor)
-        else:
-            result = rows
-        return result[0] if singular else result
 
-    def _groups(self, texts: list[str], options: dict[str, Any]) -> list[list[int]]:
-        """Input positions grouped by the sequence bucket of their token count (prompt included)."""
-        model = self.model
-        prompt = options.get("prompt")
-        if prompt is None:
-            name = options.get("prompt_name") or model.default_prompt_name
-            prompt = model.prompts.get(name, "") if name else ""
-        with tokenizer_lock(model.tokenizer):
-            encoded = model.tokenizer([prompt + text for text in texts], truncation=True,
-                                      max_length=model.max_seq_length)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        policy = self.padder.policy.for_model(model.max_seq_length)
-        groups: dict[int, list[int]] = {}
-        for position, length in enumerate(lengths):
-            groups.setdefault(policy.seq_bucket(length), []).append(position)
-        return [groups[bucket] for bucket in sorted(groups)]
+def run(model: Any, kind: _compat.Kind, bound: inspect.BoundArguments, items: list[Any], singular: bool,
+        positions: list[list[int]], tails: Tails, before_group: Callable[[list[Any], int], None] | None = None) -> Any:
+    """Run the stock entry once per group of ``positions`` and assemble stock's result for the whole call;
+    ``before_group(group, batch_size)`` is told each group before stock runs it."""
+    stock_entry = getattr(type(model), kind.entry)
+    options = dict(bound.arguments)
+    options.pop("self", None)
+    extra = options.pop("kwargs", {})
+    options.pop(next(iter(list(bound.signature.parameters)[1:2])))
+    precision = options.pop("precision", None)
+    convert_to_tensor = options.pop("convert_to_tensor")
+    convert_to_numpy = options.pop("convert_to_numpy") and not convert_to_tensor
+    options.update(convert_to_numpy=True, convert_to_tensor=False)
+    if kind.entry == "encode":
+        options.update(precision=None, normalize_embeddings=False, truncate_dim=None)
+    rows: np.ndarray | None = None
+    for indices in positions:
+        group = [items[i] for i in indices]
+        if before_group is not None:
+            before_group(group, options["batch_size"])
+        part = stock_entry(model, group, **options, **extra)
+        if rows is None:
+            rows = np.empty((len(items), *part.shape[1:]), dtype=part.dtype)
+        rows[indices] = part
+    if precision and precision != "float32":
+        rows = _compat.quantize_embeddings(rows, precision)
+    if convert_to_tensor or not convert_to_numpy:
+        tensor = torch.from_numpy(rows)
+        if not (precision and precision != "float32"):  # stock keeps float rows on the device, in their dtype
+            device = torch.device(options["device"]) if options.get("device") is not None else model.device
+            # Embeddings keep the model's dtype, as stock's stack of device rows does; scores stock upcasts.
+            dtype = tails.dtype if kind.entry == "encode" and tails.dtype else tensor.dtype
+            tensor = tensor.to(device=device, dtype=dtype)
+        result: Any = tensor if convert_to_tensor else list(tensor)
+    else:
+        result = rows
+    return result[0] if singular else result

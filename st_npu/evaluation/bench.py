@@ -226,9 +226,11 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
     device = resolve_device(args.device)
     ours = load_model(args, device=str(device))
     if getattr(args, "graphs", None) == "off":
-        from st_npu.engine import graphs
+        from dataclasses import replace
 
-        graphs.disable(ours)
+        from st_npu.engine import accelerate, engine_of
+
+        accelerate(ours, replace(engine_of(ours).options, graphs=False))
     stock = sentence_transformers.SentenceTransformer(str(resolve_model_path(args.model)), device=str(device))
     stock.to(STOCK_DTYPE)  # a half-precision checkpoint may load in its own dtype
     return stock, ours, device
@@ -242,20 +244,21 @@ def warm_up_st_npu(model: Any, batch_size: int) -> dict[str, Any] | None:
     """st_npu's warm-up where static shapes are on (else there is nothing to pre-compile): shapes and seconds; on
     an accelerator also the peak memory of its eager encodes (every shape, the largest included) and, with graph
     mode, how many graphs it captured and the device memory they hold."""
-    from st_npu.engine import graphs, static_shapes
+    from st_npu.engine import engine_of
 
-    if static_shapes.policy_of(model) is None:
+    engine = engine_of(model)
+    if engine is None or engine.policy is None:
         return None
     meter = memory_meter(model.device) if model.device.type != "cpu" else None
     start = time.perf_counter()
     if meter is not None:
         meter.start()
-    shapes = static_shapes.warmup(model, batch_size, show_progress_bar=False)  # the bench reports its time itself
+    shapes = len(engine.compile_shapes(batch_size))  # the bench reports its time itself
     eager_peak = meter.stop() if meter is not None else None
-    runner, graphs_held = graphs.runner_of(model), None
+    runner, graphs_held = engine.graphs, None
     if runner is not None:  # model.warmup's second step, measured on its own
         before = meter.allocated() if meter is not None else None
-        runner.capture(batch_size)
+        engine.capture(batch_size)
         graphs_held = meter.allocated() - before if meter is not None else None
     synchronize(model.device)
     return {"batch_size": batch_size, "shapes": shapes, "seconds": time.perf_counter() - start,

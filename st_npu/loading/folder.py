@@ -88,6 +88,14 @@ def recognise_spec(folder: Path, model_id: str | None, config: dict[str, Any]) -
     return find_spec(model_id, *parts, config.get("_name_or_path"))
 
 
+def recognise_model(model: Any) -> dict[str, Any] | None:
+    """The known model a loaded model is, from where its transformer was loaded (for models stock built)."""
+    from st_npu import _compat
+
+    source = _compat.name_or_path(model)
+    return find_spec(source, *(part.removeprefix("models--") for part in Path(source).parts[-4:])) if source else None
+
+
 def resembled_spec(config: dict[str, Any], pooling_modes: list[str], normalize: bool) -> dict[str, Any] | None:
     """A known model whose architecture and pooling this folder has, though nothing names it."""
     for spec in known_specs():

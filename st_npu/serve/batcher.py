@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from st_npu.engine import graphs
-from st_npu.engine.static_shapes import ShapePolicy, policy_of
+from st_npu.engine import ShapePolicy, engine_of
 
 
 class QueueFull(Exception):
@@ -66,8 +65,10 @@ class Batcher:
         self.max_batch_requests = max_batch_requests
         self.metrics = metrics
         # The static-shape buckets when they are on; on the CPU the same table only prices a batch for the budget.
-        self.policy = policy_of(models[0]) or ShapePolicy().for_model(self.max_seq_length)
-        self.static_shapes = policy_of(models[0]) is not None
+        engine = engine_of(models[0])
+        policy = engine.policy if engine is not None else None
+        self.policy = policy or ShapePolicy().for_model(self.max_seq_length)
+        self.static_shapes = policy is not None
         self._pending: deque[Job] = deque()
         self._admitted = 0  # jobs queued or computing
         self._condition = threading.Condition()
@@ -139,7 +140,7 @@ class Batcher:
 
     def _warmup(self, model: Any) -> None:
         if self.static_shapes:  # every bucket shape a batch under the budget can take, compiled and captured now
-            graphs.warmup(model, self.max_batch_size, max_tokens=self.max_batch_tokens)
+            engine_of(model).warmup(self.max_batch_size, max_tokens=self.max_batch_tokens)
         else:
             model.encode(["warm-up"], show_progress_bar=False)
 

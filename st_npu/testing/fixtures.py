@@ -73,6 +73,58 @@ def llm_embedder_like(folder: Path, seed: int = 0) -> Path:
     return bert_folder(folder, BERT_BASE, pooling="cls", normalize=True, max_seq_length=512, seed=seed)
 
 
+def cross_encoder_folder(folder: Path, architecture: str = "bert", num_labels: int = 1, seed: int = 0) -> Path:
+    """A CrossEncoder folder (a ``...ForSequenceClassification`` with random weights, as stock saves one).
+
+    ``bert``: MiniLM's uncased tokenizer, [CLS] a [SEP] b [SEP] with token type ids. ``xlm-roberta`` (the
+    architecture of bge-reranker-base/large): <s> a </s></s> b </s>, no token type ids, positions offset by the
+    padding index; its small byte-level tokenizer is trained here on the workload's texts, as no XLM-R tokenizer
+    files can be downloaded.
+    """
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if architecture == "bert":
+        config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, num_labels=num_labels, **TINY)
+        model = transformers.BertForSequenceClassification(config)
+        source = minilm_folder()
+        for name in TOKENIZER_FILES:
+            shutil.copy(source / name, folder / name)
+        write_json(folder / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                                                      "model_max_length": 512})
+    elif architecture == "xlm-roberta":
+        tokenizer = _xlmr_tokenizer()
+        config = transformers.XLMRobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=514,
+                                               pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
+                                               type_vocab_size=1, **TINY)
+        model = transformers.XLMRobertaForSequenceClassification(config)
+        tokenizer.save_pretrained(folder)
+    else:
+        raise ValueError(f"architecture must be 'bert' or 'xlm-roberta', got {architecture!r}")
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _xlmr_tokenizer() -> object:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from st_npu.evaluation.workloads import mixed_corpus
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(mixed_corpus(256), trainers.BpeTrainer(vocab_size=2000, special_tokens=specials))
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                   model_max_length=512)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build an llm-embedder-shaped model folder with random weights.")
     parser.add_argument("folder")
