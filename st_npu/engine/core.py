@@ -145,9 +145,7 @@ class Engine:
         singular = model.is_singular_input(inputs)
         if self.kind.entry == "encode":
             checks.check_texts(inputs, singular=isinstance(inputs, str) or singular)
-        limit = self.prompt_limit(bound.arguments.get("prompt_name"))
-        if limit is not None and limit < model.max_seq_length:  # per call: max_seq_length is shared by threads
-            bound.arguments["kwargs"] = _compat.with_max_length(bound.arguments.get("kwargs", {}), limit)
+        self._limit_prompt(bound)
         items = [inputs] if singular else inputs
         if not grouping.groupable(model, self.kind, bound.arguments, items):
             with context.calling(self, Call()) as call:
@@ -157,7 +155,8 @@ class Engine:
             with context.calling(self, Call()) as call:
                 return self._finishing(call, lambda: stock_entry(*bound.args, **bound.kwargs))
         tails = grouping.call_tails(model, self.kind, bound.arguments)
-        positions = grouping.groups(tokens.lengths, self.buckets.for_model(model.max_seq_length))
+        lengths = [tokens.lengths[position] for position in tokens.positions(items)]
+        positions = grouping.groups(lengths, self.buckets.for_model(model.max_seq_length))
         with context.calling(self, Call(tokens=tokens, tails=tails)) as call:
             return self._finishing(call, lambda: self._grouped(call, bound, items, singular, positions))
 
@@ -199,10 +198,36 @@ class Engine:
         """``items`` tokenised by stock's ``preprocess`` with ``kwargs`` (the prompt and options stock passes)."""
         return Tokens.of(self.model, items, functools.partial(type(self.model).preprocess, self.model), **kwargs)
 
+    def tokens_from_ids(self, items: list[Any], ids: list[list[int]], **entry_kwargs: Any) -> Tokens | None:
+        """Tokens for a call with ``entry_kwargs`` made from token ids a caller computed already (a server's
+        admission), as stock's ``preprocess`` would make them; None where they would differ (then tokenise)."""
+        kwargs = self.preprocess_kwargs(**entry_kwargs)
+        with tokenizer_lock(self.model.tokenizer):
+            sample = type(self.model).preprocess(self.model, items[:1], **kwargs)
+        tokenizer = self.model.tokenizer
+        return Tokens.from_ids(items, ids, sample, kwargs, getattr(tokenizer, "pad_token_id", None) or 0,
+                               getattr(tokenizer, "sep_token_id", None),
+                               getattr(tokenizer, "padding_side", "right") == "left")
+
     def given_tokens(self, tokens: Tokens) -> Any:
         """A context in which this thread's calls take ``tokens`` (computed earlier, e.g. by a server at admission)
         instead of tokenising their inputs again: ``with engine.given_tokens(tokens): model.encode(texts, ...)``."""
         return context.calling(self, Call(tokens=tokens))
+
+    def preprocess_kwargs(self, **entry_kwargs: Any) -> dict[str, Any]:
+        """What a call of the entry with ``entry_kwargs`` (no inputs) passes to ``preprocess`` besides the batch: the
+        prompt and options tokens for that call must be made with (``tokenize(items, **preprocess_kwargs(...))``)."""
+        bound = self.signature.bind(self.model, [], **entry_kwargs)
+        bound.apply_defaults()
+        self._limit_prompt(bound)
+        return self._preprocess_kwargs(bound)
+
+    def _limit_prompt(self, bound: inspect.BoundArguments) -> None:
+        """A known model's per-prompt length limit, as the call's own processing kwargs: ``max_seq_length`` is
+        shared by every thread."""
+        limit = self.prompt_limit(bound.arguments.get("prompt_name"))
+        if limit is not None and limit < self.model.max_seq_length:
+            bound.arguments["kwargs"] = _compat.with_max_length(bound.arguments.get("kwargs", {}), limit)
 
     def _preprocess_kwargs(self, bound: inspect.BoundArguments) -> dict[str, Any]:
         """What stock will pass to ``preprocess`` besides the batch: the resolved prompt and the call's kwargs."""

@@ -64,6 +64,51 @@ class Tokens:
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         return cls(rows, shared, lengths, index, left, pad_id, kwargs)
 
+    @classmethod
+    def from_ids(cls, items: Sequence[Any], ids: Sequence[Sequence[int]], sample: Mapping[str, Any],
+                 kwargs: dict[str, Any], pad_id: int, sep_id: int | None, left: bool) -> Tokens | None:
+        """Tokens for ``items`` from their token ids (special tokens included) computed by a caller, shaped like
+        ``sample`` (stock's preprocess of ``items[0]`` with ``kwargs``): an attention mask of ones and, where the
+        model takes them, token type ids (0 up to the first separator of a pair, then 1). None when ``items[0]``'s
+        row does not come out exactly as ``sample``: then the call tokenises as usual."""
+        keys = [key_of(item) for item in items]
+        if not items or any(key is None for key in keys) or set(sample) - {"input_ids", "attention_mask",
+                                                                           "token_type_ids"} - _shared_keys(sample):
+            return None
+        rows: dict[str, list[torch.Tensor]] = {"input_ids": [torch.tensor(list(row)) for row in ids]}
+        if "attention_mask" in sample:
+            rows["attention_mask"] = [torch.ones(len(row), dtype=torch.long) for row in ids]
+        if "token_type_ids" in sample:
+            rows["token_type_ids"] = [_segments(list(row), sep_id, isinstance(item, tuple))
+                                      for row, item in zip(ids, items)]
+        shared = {key: value for key, value in sample.items() if key not in rows}
+        tokens = cls(rows, shared, [len(row) for row in ids], {key: i for i, key in enumerate(keys)}, left, pad_id,
+                     kwargs)
+        made = tokens.features(items[:1])
+        if made.keys() != sample.keys() or not all(_same(made[key], sample[key]) for key in sample):
+            return None
+        return tokens
+
+    @classmethod
+    def join(cls, parts: Sequence[Tokens]) -> Tokens | None:
+        """One set of tokens holding every row of ``parts`` (a server batch gathers several requests' tokens);
+        None when the parts were tokenised differently (another prompt or option)."""
+        first = parts[0]
+        if any(part.kwargs != first.kwargs or not _same_values(part.shared, first.shared) for part in parts[1:]):
+            return None
+        rows: dict[str, list[torch.Tensor]] = {key: [] for key in first.rows}
+        lengths: list[int] = []
+        index: dict[Hashable, int] = {}
+        for part in parts:
+            if part.rows.keys() != rows.keys():
+                return None
+            for key, position in part.index.items():
+                index[key] = position + len(lengths)
+            for key, per_row in part.rows.items():
+                rows[key].extend(per_row)
+            lengths.extend(part.lengths)
+        return cls(rows, dict(first.shared), lengths, index, first.left, first.pad_id, first.kwargs)
+
     def positions(self, batch: Sequence[Any]) -> list[int] | None:
         found = [self.index.get(key_of(item)) for item in batch]
         return None if any(position is None for position in found) else found
@@ -111,6 +156,22 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool((a == b).all())
     return a == b
+
+
+def _shared_keys(sample: Mapping[str, Any]) -> set[str]:
+    return {key for key, value in sample.items() if not isinstance(value, torch.Tensor)}
+
+
+def _segments(ids: list[int], sep_id: int | None, pair: bool) -> torch.Tensor:
+    """Token type ids: 0 for one text; for a pair, 0 through the first separator, 1 after it."""
+    types = torch.zeros(len(ids), dtype=torch.long)
+    if pair and sep_id in ids:
+        types[ids.index(sep_id) + 1:] = 1
+    return types
+
+
+def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
 
 
 def _pad_row(row: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""``st-npu bench-serve``: the batching server against a one-request-at-a-time server, same model and device.
+"""``st-npu bench-serve``: the batching server against a one-request-at-a-time server, same models and devices.
 
-Both servers are ``st-npu serve`` subprocesses on 127.0.0.1 (the baseline with ``--one-at-a-time``: one
-``encode`` per request, one request at a time, the way a small web app around ``encode`` runs). For each client
-count, ``c`` clients each send one short text per request to ``/v1/embeddings``, back to back, for ``--duration``
-seconds or ``--max-requests`` requests, first to the baseline and then to the batching server. Figures: requests
-per second, p50 and p99 latency (as the client sees it), errors; on the emulated npu, the device launches
+Both servers are ``st-npu serve`` subprocesses on 127.0.0.1 (the baseline with ``--one-at-a-time``: one device
+call per request, one request at a time, the way a small web app around ``encode`` runs). For each workload
+(``embed``: one short text per request to ``/v1/embeddings``; ``rerank``, with ``--reranker``: a query and
+four short documents per request to ``/rerank``) and each client count, ``c`` clients send requests back to back
+for ``--duration`` seconds or ``--max-requests`` requests, first to the baseline and then to the batching server.
+Figures: requests per second, p50 and p99 latency (as the client sees it), errors, the texts tokenised per request
+(at admission, and again inside the model's own API in the device call); on the emulated npu, the device launches
 (kernels, transfers, graph replays) and compilations per request after warm-up, from the servers' ``/metrics``.
 
 The clients run in this process, on the same CPU as the servers: on a small machine they take a share of it
@@ -37,6 +39,16 @@ SERVERS = ("one-at-a-time", "batching")
 SHORT_TEXTS = [f"{question} ({number})" for number in range(50) for question in (
     "how do I reset my password", "what is the capital of France", "best way to learn python",
     "opening hours of the city library", "symptoms of the flu", "北京今天的天气怎么样")]
+DOCUMENTS = ["Paris is the capital and largest city of France.", "Reset a password from the sign-in page.",
+             "The library opens at nine on weekdays.", "Influenza causes fever, cough and aches."]
+
+
+def request_for(workload: str, index: int) -> tuple[str, dict[str, Any]]:
+    """The route and body of a workload's ``index``-th request."""
+    text = SHORT_TEXTS[index % len(SHORT_TEXTS)]
+    if workload == "rerank":
+        return "/rerank", {"query": text, "texts": DOCUMENTS}
+    return "/v1/embeddings", {"input": text, "model": "bench"}
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
@@ -49,18 +61,26 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         for server in servers.values():
             server.wait_ready()
         info = servers["batching"].get("/info")
-        print(f"model {info['model_id']} on {', '.join(info['devices'])} ({info['dtype']}), static shapes "
-              f"{'on' if info['static_shapes'] else 'off'}; {args.duration:g} s or {args.max_requests} requests "
-              f"per run", flush=True)
-        for count in clients:
-            for name, server in servers.items():
-                result = {"clients": count, "server": name, **server.load(count, args.duration, args.max_requests)}
-                results.append(result)
-                print(_row(result), flush=True)
+        workloads = []
+        for workload, served in (("embed", info if "embedding" in info["model_type"] else None),
+                                 ("rerank", info.get("reranker", info if "reranker" in info["model_type"] else None))):
+            if served is not None:
+                workloads.append(workload)
+                print(f"{workload}: {served['model_id']} on {', '.join(served['devices'])} ({served['model_dtype']}),"
+                      f" static shapes {'on' if served['static_shapes'] else 'off'}", flush=True)
+        print(f"{args.duration:g} s or {args.max_requests} requests per run", flush=True)
+        for workload in workloads:
+            for count in clients:
+                for name, server in servers.items():
+                    result = {"workload": workload, "clients": count, "server": name,
+                              **server.load(workload, count, args.duration, args.max_requests)}
+                    results.append(result)
+                    print(_row(result), flush=True)
     finally:
         codes = {name: server.stop() for name, server in servers.items()}
-    print()
-    print(format_table(results))
+    for workload in dict.fromkeys(result["workload"] for result in results):
+        print(f"\n{workload}:")
+        print(format_table([result for result in results if result["workload"] == workload]))
     if args.json_path:
         with atomic_file(Path(args.json_path)) as handle:
             handle.write(json.dumps({"servers": info, "results": results}, indent=2).encode())
@@ -86,12 +106,13 @@ class _Server:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "st_npu", "serve", "--model", args.model, "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "st_npu", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "warning",
                    "--max-batch-tokens", str(args.max_batch_tokens), "--max-batch-size", str(args.max_batch_size),
                    "--max-concurrent-requests", str(args.max_concurrent_requests)]
-        for option, value in (("--spec", args.spec), ("--device", args.device), ("--devices", args.devices),
-                              ("--dtype", args.dtype)):
+        for option, value in (("--model", args.model), ("--spec", args.spec), ("--device", args.device),
+                              ("--devices", args.devices), ("--dtype", args.dtype), ("--reranker", args.reranker),
+                              ("--reranker-devices", args.reranker_devices)):
             if value:
                 command += [option, value]
         if one_at_a_time:
@@ -117,27 +138,33 @@ class _Server:
             time.sleep(0.5)
         raise RuntimeError(f"the server was not ready within {START_TIMEOUT_S} s")
 
-    def device_counts(self) -> dict[str, float]:
-        """Emulated-npu launches (kernels, transfers, graph replays) and compilations so far (empty elsewhere)."""
-        counts = {"launches": 0.0, "compiles": 0.0}
-        found = False
+    def counts(self, workload: str) -> dict[str, float]:
+        """Texts tokenised by the workload's model (at admission, in the device call) and, on the emulated npu,
+        launches (kernels, transfers, graph replays) and compilations so far."""
+        prefixes = {"admission": f'st_npu_tokenizations_total{{model="{workload}",stage="admission"}}',
+                    "device": f'st_npu_tokenizations_total{{model="{workload}",stage="device"}}',
+                    "launches": "st_npu_emulated_npu_launches_total{", "compiles": "st_npu_emulated_npu_compiles_total{"}
+        counts = dict.fromkeys(prefixes, 0.0)
         for line in self.get("/metrics").splitlines():
-            for key in counts:
-                if line.startswith(f"st_npu_emulated_npu_{key}_total{{"):
+            for key, prefix in prefixes.items():
+                if line.startswith(prefix):
                     counts[key] += float(line.rsplit(" ", 1)[1])
-                    found = True
-        return counts if found else {}
+        return counts
 
-    def load(self, clients: int, duration_s: float, max_requests: int) -> dict[str, Any]:
-        before = self.device_counts()
-        latencies, errors, elapsed = asyncio.run(_load(self.url, clients, duration_s, max_requests))
-        after = self.device_counts()
+    def load(self, workload: str, clients: int, duration_s: float, max_requests: int) -> dict[str, Any]:
+        before = self.counts(workload)
+        latencies, errors, elapsed = asyncio.run(_load(self.url, workload, clients, duration_s, max_requests))
+        after = self.counts(workload)
+        grown = {key: after[key] - before[key] for key in after}
+        answered = max(len(latencies), 1)
         result = {"requests": len(latencies), "errors": errors, "seconds": elapsed,
                   "requests_per_s": len(latencies) / elapsed,
-                  "p50_ms": _ms(percentile(latencies, 50)), "p99_ms": _ms(percentile(latencies, 99))}
-        if before and latencies:
-            result["launches_per_request"] = (after["launches"] - before["launches"]) / len(latencies)
-            result["compiles"] = after["compiles"] - before["compiles"]
+                  "p50_ms": _ms(percentile(latencies, 50)), "p99_ms": _ms(percentile(latencies, 99)),
+                  "tokenized_at_admission_per_request": grown["admission"] / answered,
+                  "tokenized_in_device_call_per_request": grown["device"] / answered}
+        if after["launches"]:
+            result["launches_per_request"] = grown["launches"] / answered
+            result["compiles"] = grown["compiles"]
         return result
 
     def stop(self) -> int:
@@ -150,8 +177,9 @@ class _Server:
             return self.process.wait()
 
 
-async def _load(url: str, clients: int, duration_s: float, max_requests: int) -> tuple[list[float], int, float]:
-    """``clients`` clients sending one short text per request, back to back; latencies of the answered ones."""
+async def _load(url: str, workload: str, clients: int, duration_s: float,
+                max_requests: int) -> tuple[list[float], int, float]:
+    """``clients`` clients sending the workload's requests back to back; latencies of the answered ones."""
     latencies: list[float] = []
     errors = 0
     sent = 0
@@ -163,10 +191,10 @@ async def _load(url: str, clients: int, duration_s: float, max_requests: int) ->
         async def one_client() -> None:
             nonlocal errors, sent
             while time.perf_counter() < end and sent < max_requests:
-                text = SHORT_TEXTS[sent % len(SHORT_TEXTS)]
+                route, body = request_for(workload, sent)
                 sent += 1
                 begun = time.perf_counter()
-                response = await client.post("/v1/embeddings", json={"input": text, "model": "bench"})
+                response = await client.post(route, json=body)
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - begun)
                 else:
@@ -181,15 +209,17 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _row(result: dict[str, Any]) -> str:
-    return (f"  {result['clients']:>3} clients  {result['server']:<14} {result['requests_per_s']:8.1f} req/s  "
-            f"p50 {result['p50_ms'] or 0:7.1f} ms  p99 {result['p99_ms'] or 0:7.1f} ms  errors {result['errors']}")
+    return (f"  {result['workload']:<6} {result['clients']:>3} clients  {result['server']:<14} "
+            f"{result['requests_per_s']:8.1f} req/s  p50 {result['p50_ms'] or 0:7.1f} ms  "
+            f"p99 {result['p99_ms'] or 0:7.1f} ms  errors {result['errors']}  tokenised per request "
+            f"{result['tokenized_at_admission_per_request']:.1f} + {result['tokenized_in_device_call_per_request']:.1f}")
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """A Markdown table: per client count, both servers' figures and the batching server's ratios."""
     emulated = any("launches_per_request" in result for result in results)
     header = "| clients | one-at-a-time req/s | batching req/s | speed | p50 ms (1-at-a-time / batching) " \
-             "| p99 ms (1-at-a-time / batching) |"
+             "| p99 ms (1-at-a-time / batching) | texts tokenised per request (admission + device call) |"
     if emulated:
         header += " launches per request (1-at-a-time / batching) | compilations after warm-up |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -200,7 +230,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
         base, batched = pair["one-at-a-time"], pair["batching"]
         speed = batched["requests_per_s"] / base["requests_per_s"] if base["requests_per_s"] else float("nan")
         line = (f"| {count} | {base['requests_per_s']:.1f} | {batched['requests_per_s']:.1f} | {speed:.2f}x "
-                f"| {base['p50_ms']:.1f} / {batched['p50_ms']:.1f} | {base['p99_ms']:.1f} / {batched['p99_ms']:.1f} |")
+                f"| {base['p50_ms']:.1f} / {batched['p50_ms']:.1f} | {base['p99_ms']:.1f} / {batched['p99_ms']:.1f} "
+                f"| {batched['tokenized_at_admission_per_request']:.1f} + "
+                f"{batched['tokenized_in_device_call_per_request']:.1f} |")
         if emulated:
             line += (f" {base.get('launches_per_request', 0):.1f} / {batched.get('launches_per_request', 0):.1f} "
                      f"| {base.get('compiles', 0):.0f} / {batched.get('compiles', 0):.0f} |")

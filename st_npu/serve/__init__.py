@@ -1,7 +1,10 @@
-"""The embedding server behind ``st-npu serve``: OpenAI's and text-embeddings-inference's APIs.
+"""The server behind ``st-npu serve``: an embedder and/or a reranker behind text-embeddings-inference's, OpenAI's
+and Cohere's (Jina's) APIs.
 
-Concurrent requests are gathered into batches of static shapes (:mod:`st_npu.serve.batcher`), one model per
-device. Needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client, httpx), imported only on first use.
+Requests are checked (:mod:`~st_npu.serve.protocol`), tokenised once at admission (:mod:`~st_npu.serve.tokens`)
+and gathered into batches of static shapes (:mod:`~st_npu.serve.batcher`), one model per device, behind an ASGI
+gate for the payload limit and the API key (:mod:`~st_npu.serve.gate`). Needs the ``serve`` extra (FastAPI,
+uvicorn, prometheus-client, httpx), imported only on first use.
 """
 
 from __future__ import annotations

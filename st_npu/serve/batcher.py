@@ -1,24 +1,26 @@
 """The request batcher: many clients' requests gathered into bucket-shaped batches, one worker per device.
 
-Requests wait in one queue shared by every device. A device's worker takes the oldest request, adds every waiting
-request with the same options (prompt, normalize) while the padded batch stays under the token budget
+Requests wait in one queue shared by every device of one model (an embedder's and a reranker's batchers are
+separate, so their batches never mix). A device's worker takes rows from the oldest request, then from every
+waiting request with the same options, while the padded batch stays under the token budget
 (``max_batch_tokens``: bucketed rows x bucketed longest text, as static shapes will pad it) and ``max_batch_size``,
-and runs them as one ``model.encode`` call. There is no batching window: while a device computes, requests pile
-up and the next batch takes them all, so a lone client waits for nobody and a crowd fills the batches.
+and runs them as one device call. A request with more rows than one batch holds is cut: its first rows run, and
+the rest go to the back of the queue, so a request that arrived behind it waits for at most one batch. There is no
+batching window: while a device computes, requests pile up and the next batch takes them all.
 
-Texts are tokenised for their lengths before they are queued, by the caller's thread, not the device's: the
-budget, the refusal of over-long texts and the token counts come from there. ``encode`` then tokenises its batch
-again (that is how the model's public API is called); with a fast tokenizer that costs little next to a forward.
-
+Each queue entry carries its rows already tokenised at admission (:mod:`st_npu.serve.tokens`), as
+text-embeddings-inference's entries carry their encodings, down to :meth:`Batcher.device_call`, the one place that
+hands them to the model. A request whose client went away is dropped before its next rows reach a device.
 A batch that fails is retried request by request, so one bad request fails alone.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,34 +30,44 @@ from st_npu.engine import ShapePolicy, engine_of
 
 
 class QueueFull(Exception):
-    """More requests are queued or computing than ``max_concurrent_requests`` allows."""
+    """More requests are queued or computing than ``max_concurrent_requests`` allows, or the server is stopping."""
 
 
 @dataclass
 class Job:
-    texts: list[str]
-    prompt_name: str | None
-    normalize: bool
-    longest: int  # tokens of its longest text, prompt and special tokens included, after truncation
+    """One request: its rows (texts or pairs, already cut to the model's limit) and their token ids."""
+
+    rows: list[Any]
+    encodings: list[list[int]]
+    options: tuple = ()  # requests batch together only when their options are equal (e.g. the prompt)
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    compute_s: float = 0.0
+    taken: int = 0  # rows handed to a device so far
+    finished: int = 0  # rows whose results are in
+    abandoned: bool = False
+    yielded: bool = False  # the rest of a cut request was passed over once for requests behind it
+    error: BaseException | None = None  # the failure that ended it, given to its client once no rows run
+    _results: list[Any] = field(default_factory=list)
 
     @property
-    def options(self) -> tuple[str | None, bool]:
-        return self.prompt_name, self.normalize
+    def longest(self) -> int:
+        return max(len(ids) for ids in self.encodings)
 
 
 class Batcher:
     """Runs queued jobs on ``models`` (one per device), one worker thread each, after each has warmed up.
 
-    ``max_batch_requests=1`` turns batching off: each request is its own ``encode`` call, one at a time per
-    device (the baseline that ``st-npu bench-serve`` compares against).
+    ``max_batch_requests=1`` turns batching off: each request is its own device call, one at a time per device
+    (the baseline that ``st-npu bench-serve`` compares against). ``kind`` is ``"embed"`` or ``"rerank"``.
     """
 
     def __init__(self, models: list[Any], max_batch_tokens: int, max_batch_size: int, max_concurrent_requests: int,
-                 max_batch_requests: int | None = None, metrics: Any = None) -> None:
+                 max_batch_requests: int | None = None, metrics: Any = None, kind: str = "embed") -> None:
         self.models = models
-        self.max_seq_length = models[0].max_seq_length
+        self.kind = kind
+        self.max_seq_length = max_length(models[0])
         if max_batch_tokens < self.max_seq_length:
             raise ValueError(f"--max-batch-tokens ({max_batch_tokens}) must be at least the model's maximum input "
                              f"length ({self.max_seq_length}), or a long text could never run")
@@ -64,7 +76,7 @@ class Batcher:
         self.max_concurrent_requests = max_concurrent_requests
         self.max_batch_requests = max_batch_requests
         self.metrics = metrics
-        # The static-shape buckets when they are on; on the CPU the same table only prices a batch for the budget.
+        # The static-shape buckets when they are on; elsewhere the same table only prices a batch for the budget.
         engine = engine_of(models[0])
         policy = engine.policy if engine is not None else None
         self.policy = policy or ShapePolicy().for_model(self.max_seq_length)
@@ -74,7 +86,7 @@ class Batcher:
         self._condition = threading.Condition()
         self._closing = False
         self._warm = [threading.Event() for _ in models]
-        self._threads = [threading.Thread(target=self._work, args=(index,), name=f"st_npu-serve-{model.device}",
+        self._threads = [threading.Thread(target=self._work, args=(index,), name=f"st_npu-{kind}-{model.device}",
                                           daemon=True) for index, model in enumerate(models)]
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
@@ -87,14 +99,25 @@ class Batcher:
     def ready(self) -> bool:
         return all(event.is_set() for event in self._warm)
 
-    def close(self) -> None:
-        """Finish every queued job, then stop the workers."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, let each worker finish its batch, and cancel what never reached a device.
+
+        Waits at most ``timeout`` seconds for the workers (they are daemon threads: the process may exit
+        while one still computes)."""
         with self._condition:
             self._closing = True
+            dropped, self._pending = list(self._pending), deque()
             self._condition.notify_all()
+        for job in dropped:
+            with self._condition:
+                job.abandoned = True
+                job.error = job.error or QueueFull("the server stopped before this request reached a device")
+                if job.finished == job.taken:
+                    self._fail(job)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive():
-                thread.join()
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # --- requests -----------------------------------------------------------------------------------------------
 
@@ -106,17 +129,28 @@ class Batcher:
                 raise QueueFull(f"{self._admitted} requests are already queued or computing "
                                 f"(--max-concurrent-requests {self.max_concurrent_requests})")
             self._admitted += 1
+            job._results = [None] * len(job.rows)
             self._pending.append(job)
             self._condition.notify()
         job.future.add_done_callback(self._release)
         return job.future
+
+    def abandon(self, job: Job) -> None:
+        """The client went away: rows not yet on a device are never computed."""
+        with self._condition:
+            job.abandoned = True
+            waiting = job.taken == 0 and job in self._pending
+            if waiting:
+                self._pending.remove(job)
+        if waiting:
+            job.future.cancel()
 
     def _release(self, _future: Future) -> None:
         with self._condition:
             self._admitted -= 1
 
     def rows_that_fit(self, longest: int) -> int:
-        """The most rows one forward may hold when its longest text has ``longest`` tokens."""
+        """The most rows one forward may hold when its longest row has ``longest`` tokens."""
         seq = self.policy.seq_bucket(longest)
         fitting = [rows for rows in self.policy.batch_sizes
                    if rows <= self.max_batch_size and rows * seq <= self.max_batch_tokens]
@@ -141,10 +175,12 @@ class Batcher:
     def _warmup(self, model: Any) -> None:
         if self.static_shapes:  # every bucket shape a batch under the budget can take, compiled and captured now
             engine_of(model).warmup(self.max_batch_size, max_tokens=self.max_batch_tokens)
+        elif self.kind == "rerank":
+            model.predict([("warm-up", "warm-up")], show_progress_bar=False)
         else:
             model.encode(["warm-up"], show_progress_bar=False)
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self) -> list[tuple[Job, slice]] | None:
         with self._condition:
             while True:
                 while not self._pending:
@@ -152,57 +188,150 @@ class Batcher:
                         return None
                     self._condition.wait()
                 batch = self._take_batch()
-                if batch:  # empty when every job taken had been cancelled by its client
+                if batch:  # empty when every job taken had been abandoned by its client
                     return batch
 
-    def _take_batch(self) -> list[Job]:
-        batch: list[Job] = []
+    def _take_batch(self) -> list[tuple[Job, slice]]:
+        """Rows for one device call: whole requests while they fit, then the first rows of one that does not.
+
+        The rest of a cut request yields once to every request that has not started (so a request that arrives
+        while a large one computes waits for one batch of it at most), then goes first."""
+        waiting = list(self._pending)
+        order = ([job for job in waiting if job.taken and job.yielded] + [job for job in waiting if not job.taken]
+                 + [job for job in waiting if job.taken and not job.yielded])
+        batch: list[tuple[Job, slice]] = []
         rows = longest = 0
-        kept: deque[Job] = deque()
-        while self._pending:
-            job = self._pending.popleft()
-            joins = not batch or (
-                job.options == batch[0].options
-                and self._fits(rows + len(job.texts), max(longest, job.longest))
-                and (self.max_batch_requests is None or len(batch) < self.max_batch_requests))
-            if not joins:
+        kept: list[Job] = []
+        for job in order:
+            if job.abandoned or job.future.cancelled():
+                self._drop(job)
+                continue
+            if batch and (job.options != batch[0][0].options or batch[-1][0].taken < len(batch[-1][0].rows) or (
+                    self.max_batch_requests is not None and len(batch) >= self.max_batch_requests)):
                 kept.append(job)
-            elif job.future.set_running_or_notify_cancel():  # False: its client went away
-                batch.append(job)
-                rows, longest = rows + len(job.texts), max(longest, job.longest)
-        self._pending = kept
+                continue
+            take = 0
+            for ids in job.encodings[job.taken:]:
+                if (take or batch) and not self._fits(rows + take + 1, max(longest, len(ids))):
+                    break
+                if batch and job.taken and self.policy.seq_bucket(len(ids)) > self.policy.seq_bucket(longest):
+                    break  # the rest of a cut request may fill a batch, not lengthen it
+                take, longest = take + 1, max(longest, len(ids))
+            if take == 0 or (job.taken == 0 and not job.future.set_running_or_notify_cancel()):
+                if job.future.cancelled():  # cancelled just now
+                    self._drop(job)
+                else:
+                    kept.append(job)
+                continue
+            if job.started_at is None:
+                job.started_at = time.perf_counter()
+            batch.append((job, slice(job.taken, job.taken + take)))
+            job.taken += take
+            rows += take
+        for job in kept:
+            job.yielded = bool(job.taken)  # a cut request passed over now goes first next time
+        for job, _ in batch:
+            job.yielded = False
+        self._pending = deque(kept + [job for job, _ in batch if job.taken < len(job.rows)])
         return batch
 
-    def _run(self, model: Any, batch: list[Job]) -> None:
+    def _drop(self, job: Job) -> None:
+        """An abandoned job leaves the queue; its future ends once no rows of it are on a device."""
+        if job.finished == job.taken:
+            self._fail(job)
+
+    def _run(self, model: Any, batch: list[tuple[Job, slice]]) -> None:
         started = time.perf_counter()
         try:
-            vectors = self._encode(model, batch)
+            outputs = self._call(model, batch)
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                self._settle(batch[0], exc)
                 return
-            for job in batch:  # find the request that broke the batch; the others still get their rows
-                self._retry_alone(model, job)
+            for part in batch:  # find the request that broke the batch; the others still get their rows
+                try:
+                    self._settle(part, self._call(model, [part]))
+                except Exception as alone:
+                    self._settle(part, alone)
             return
+        elapsed = time.perf_counter() - started
         if self.metrics is not None:
-            self.metrics.observe_batch(str(model.device), batch, time.perf_counter() - started, started)
+            self.metrics.observe_batch(self.kind, str(model.device), batch, elapsed, started)
         start = 0
-        for job in batch:
-            job.future.set_result(vectors[start : start + len(job.texts)])
-            start += len(job.texts)
+        for job, rows in batch:
+            count = rows.stop - rows.start
+            job.compute_s += elapsed
+            self._settle((job, rows), outputs[start : start + count])
+            start += count
 
-    def _retry_alone(self, model: Any, job: Job) -> None:
-        try:
-            vectors = self._encode(model, [job])
-        except Exception as exc:
-            job.future.set_exception(exc)
+    def _call(self, model: Any, batch: list[tuple[Job, slice]]) -> list[Any]:
+        rows = [row for job, part in batch for row in job.rows[part]]
+        encodings = [ids for job, part in batch for ids in job.encodings[part]]
+        return self.device_call(model, rows, encodings, batch[0][0].options)
+
+    def device_call(self, model: Any, rows: list[Any], encodings: list[list[int]], options: tuple) -> list[Any]:
+        """The one call into the model for a batch: ``rows`` as admitted (cut to the limit) and their token ids.
+
+        The engine takes the admission's token ids as the call's tokens (``Engine.tokens_from_ids``), so the rows are
+        not tokenised again; only where it cannot (token embeddings, a model without the engine, ids that stock
+        would tokenise differently) does the call tokenise, and the metrics count it."""
+        if self.kind == "rerank":
+            import torch
+
+            entry = {"activation_fn": torch.nn.Identity()}
+            run = functools.partial(model.predict, rows, batch_size=len(rows), convert_to_numpy=True,
+                                    show_progress_bar=False, **entry)
         else:
-            job.future.set_result(vectors)
+            prompt_name, output = options
+            entry = {"prompt_name": prompt_name}
+            if output == "tokens":
+                run = functools.partial(self._token_rows, model, rows, prompt_name)
+            else:
+                run = functools.partial(model.encode, rows, batch_size=len(rows), convert_to_numpy=True,
+                                        show_progress_bar=False, **entry)
+        engine = engine_of(model)
+        tokens = None
+        if engine is not None and (self.kind == "rerank" or options[1] != "tokens"):
+            tokens = engine.tokens_from_ids(rows, encodings, **entry)
+        if tokens is None:
+            if self.metrics is not None:
+                self.metrics.tokenizations.labels(self.kind, "device").inc(len(rows))
+            return list(run())
+        with engine.given_tokens(tokens):
+            return list(run())
 
-    def _encode(self, model: Any, batch: list[Job]) -> np.ndarray:
-        texts = [text for job in batch for text in job.texts]
-        prompt_name, normalize = batch[0].options
-        vectors = model.encode(texts, prompt_name=prompt_name, normalize_embeddings=normalize,
-                               batch_size=self.rows_that_fit(max(job.longest for job in batch)),
-                               convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+    @staticmethod
+    def _token_rows(model: Any, rows: list[Any], prompt_name: str | None) -> list[Any]:
+        return [np.asarray(t.float().cpu()) for t in model.encode(
+            rows, prompt_name=prompt_name, batch_size=len(rows), output_value="token_embeddings",
+            show_progress_bar=False)]
+
+    def _settle(self, part: tuple[Job, slice], outcome: Any) -> None:
+        job, rows = part
+        with self._condition:  # a re-entrant lock: the future's callbacks take it again in this thread
+            job.finished += rows.stop - rows.start
+            if isinstance(outcome, BaseException):
+                job.abandoned = True  # its other rows need not run
+                job.error = job.error or outcome
+            else:
+                job._results[rows] = outcome
+            if job.future.done():
+                return
+            if job.abandoned:
+                if job.finished == job.taken and job not in self._pending:
+                    self._fail(job)
+            elif job.finished == len(job.rows):
+                job.future.set_result(job._results)
+
+    @staticmethod
+    def _fail(job: Job) -> None:
+        if job.future.done() or (job.error is None and job.future.cancel()):
+            return
+        if job.future.running() or job.future.set_running_or_notify_cancel():
+            job.future.set_exception(job.error or CancelledError())
+
+
+def max_length(model: Any) -> int:
+    """The model's token limit: ``max_seq_length`` (SentenceTransformer, CrossEncoder 5+), else ``max_length``."""
+    limit = getattr(model, "max_seq_length", None)
+    return int(limit if limit is not None else model.max_length)

@@ -25,28 +25,33 @@ class Metrics:
                                 registry=self.registry)
         self.errors = Counter("st_npu_request_errors", "Requests refused or failed, by route and HTTP status",
                               ["route", "status"], registry=self.registry)
-        self.in_progress = Gauge("st_npu_requests_in_progress", "Embedding requests admitted and not yet answered",
+        self.in_progress = Gauge("st_npu_requests_in_progress", "Model requests admitted and not yet answered",
                                  registry=self.registry)
-        self.batch_texts = Histogram("st_npu_batch_size", "Texts per batch run on a device", ["device"],
-                                     buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
-        self.batch_requests = Histogram("st_npu_batch_requests", "Requests gathered into one batch", ["device"],
-                                        buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+        self.batch_texts = Histogram("st_npu_batch_size", "Rows (texts or pairs) per batch run on a device",
+                                     ["model", "device"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram("st_npu_batch_requests", "Requests gathered into one batch",
+                                        ["model", "device"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
         self.queue_seconds = Histogram("st_npu_queue_seconds", "Time a request waited before its batch ran",
-                                       buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.compute_seconds = Histogram("st_npu_compute_seconds", "Time a batch took on its device", ["device"],
-                                         buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.tokens = Counter("st_npu_tokens", "Tokens embedded (prompt and special tokens included)",
+                                       ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.compute_seconds = Histogram("st_npu_compute_seconds", "Time a batch took on its device",
+                                         ["model", "device"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.tokens = Counter("st_npu_tokens", "Tokens computed (prompt and special tokens included)", ["model"],
                               registry=self.registry)
+        self.tokenizations = Counter("st_npu_tokenizations", "Rows tokenised: at admission, and again by the "
+                                     "model's own API in the device call", ["model", "stage"], registry=self.registry)
+        self.abandoned = Counter("st_npu_requests_abandoned", "Requests whose client went away before the answer",
+                                 ["model"], registry=self.registry)
         emulated = [device for device in devices if emulation.is_emulated(device)]
         if emulated:
             self.registry.register(_EmulatorCollector(emulated))
 
-    def observe_batch(self, device: str, batch: list[Any], compute_s: float, started: float) -> None:
-        self.batch_texts.labels(device).observe(sum(len(job.texts) for job in batch))
-        self.batch_requests.labels(device).observe(len(batch))
-        self.compute_seconds.labels(device).observe(compute_s)
-        for job in batch:
-            self.queue_seconds.observe(started - job.queued_at)
+    def observe_batch(self, model: str, device: str, batch: list[Any], compute_s: float, started: float) -> None:
+        """``batch``: (job, rows slice) pairs of one device call."""
+        self.batch_texts.labels(model, device).observe(sum(rows.stop - rows.start for _, rows in batch))
+        self.batch_requests.labels(model, device).observe(len(batch))
+        self.compute_seconds.labels(model, device).observe(compute_s)
+        for job, _ in batch:
+            self.queue_seconds.labels(model).observe(started - job.queued_at)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
