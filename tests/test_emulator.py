@@ -196,6 +196,11 @@ def test_out_and_resize_update_the_npu_tensor() -> None:
     out = torch.empty(0, device="npu:1")
     torch.add(torch.ones(2, 3, device="npu:1"), 1, out=out)
     assert out.shape == (2, 3) and torch.equal(out.cpu(), torch.full((2, 3), 2.0))
+    with pytest.warns(UserWarning, match="was resized"):  # stock resizes a too-small out= tensor, with a warning
+        torch.add(torch.ones(9, device="npu:1"), 1, out=out)
+    assert out.shape == (9,) and out.device == torch.device("npu:1") and torch.equal(out.cpu(), torch.full((9,), 2.0))
+    grown = torch.arange(3.0).to("npu:1").resize_(6)
+    assert grown.shape == (6,) and torch.equal(grown.cpu()[:3], torch.arange(3.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

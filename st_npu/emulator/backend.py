@@ -487,7 +487,17 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
             return _HOST
         return x
 
-    result = func(*pytree.tree_map(to_cpu, args), **pytree.tree_map(to_cpu, kwargs))
+    try:
+        result = func(*pytree.tree_map(to_cpu, args), **pytree.tree_map(to_cpu, kwargs))
+    except RuntimeError as error:
+        if "not resizable" not in str(error):
+            raise
+        # An out= tensor too small for the result, which torch still resizes (with a warning): it needs memory that
+        # can grow. Out= operators resize before they compute, so nothing was written yet.
+        for t in npu_tensors:
+            if any(value is t for value in kwargs.values()):
+                hosts[id(t)] = _growable(hosts[id(t)])
+        result = func(*pytree.tree_map(to_cpu, args), **pytree.tree_map(to_cpu, kwargs))
     # In-place and out= operators return their argument: hand back the caller's tensor. A result in an argument's
     # memory is a view of it; anything else is new memory on the output device.
     inputs = {id(hosts[id(t)]): t for t in npu_tensors}
@@ -526,9 +536,14 @@ def _stand_in(func: torch._ops.OpOverload, tensor: torch.Tensor, args: tuple, kw
     if func.name() == "aten::resize_" and args[0] is tensor:
         needed = (tensor.storage_offset() + math.prod(args[1])) * tensor.element_size()
         if needed > host.untyped_storage().nbytes():
-            return torch.empty(0, dtype=tensor.dtype).set_(
-                host.untyped_storage().clone(), tensor.storage_offset(), tensor.size(), tensor.stride())
+            return _growable(host)
     return host
+
+
+def _growable(host: torch.Tensor) -> torch.Tensor:
+    """A copy of ``host`` in CPU memory of its own, which an operator can resize."""
+    return torch.empty(0, dtype=host.dtype).set_(
+        host.untyped_storage().clone(), host.storage_offset(), host.size(), host.stride())
 
 
 @functools.cache
