@@ -7,23 +7,22 @@ strings.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import sentence_transformers
 
 try:  # 5.4+ keeps the module classes here; older releases only have sentence_transformers.models.
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer import modules as stock_modules
 except ImportError:  # pragma: no cover - exercised only on sentence-transformers < 5.4
-    from sentence_transformers.models import Normalize, Pooling, Transformer
+    from sentence_transformers import models as stock_modules
+
+Normalize, Pooling, Transformer = stock_modules.Normalize, stock_modules.Pooling, stock_modules.Transformer
 
 StockSentenceTransformer = sentence_transformers.SentenceTransformer
 StockCrossEncoder = sentence_transformers.CrossEncoder
 StockSparseEncoder = getattr(sentence_transformers, "SparseEncoder", None)
-CORE_MODULES = {"Transformer": Transformer, "Pooling": Pooling, "Normalize": Normalize}
 
 
 @dataclass(frozen=True)
@@ -84,32 +83,22 @@ def _accepts(function: Any, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
-def module_class(type_name: str) -> type:
-    """The class a ``modules.json`` ``type`` names (old dotted paths included), limited to sentence-transformers."""
-    class_name = type_name.rsplit(".", 1)[-1]
-    if class_name in CORE_MODULES:
-        return CORE_MODULES[class_name]
-    module_path, _, class_name = type_name.rpartition(".")
-    if not module_path.startswith("sentence_transformers"):
-        raise ValueError(
-            f"module type {type_name!r} is custom code; st_npu only builds sentence-transformers' own modules."
-        )
-    with warnings.catch_warnings():  # old import paths still resolve, with a deprecation warning
-        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        return getattr(importlib.import_module(module_path), class_name)
+def input_error(sample: Any) -> ValueError | None:
+    """The ValueError stock's encode raises, deep inside, for one item of a batch it cannot read (its modality
+    inference), or None where stock reads it; None too where this release infers no modalities."""
+    try:
+        from sentence_transformers.base.modality import infer_modality
+    except ImportError:  # pragma: no cover - releases before multi-modal inputs
+        return None
+    try:
+        infer_modality(sample)
+    except ValueError as exc:
+        return exc
+    return None
 
 
 def stock_version() -> str:
     return sentence_transformers.__version__
-
-
-def load_module(cls: type, folder: str, subfolder: str, **kwargs: Any) -> Any:
-    """``cls.load`` of one saved module with the loading keywords it names (a Pooling takes no model_kwargs);
-    keywords the release does not know at all are refused earlier, by the model's constructor."""
-    accepted = {key: value for key, value in kwargs.items() if value is not None and _accepts(cls.load, key)}
-    if _accepts(cls.load, "subfolder"):
-        return cls.load(folder, subfolder=subfolder, **accepted)
-    return cls.load(f"{folder}/{subfolder}" if subfolder else folder, **accepted)  # pragma: no cover - < 5.0
 
 
 def new_transformer(folder: str, max_seq_length: int, do_lower_case: bool, model_kwargs: dict | None) -> Any:

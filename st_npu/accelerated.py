@@ -44,6 +44,8 @@ class AcceleratedModel:
 
     def save(self, path: str, *args: Any, **kwargs: Any) -> None:
         """Stock ``save``, written beside ``path`` and moved into place once complete: a failed save leaves
-        ``path`` as it was, never half a model."""
+        ``path`` as it was, never half a model. ``save(None)`` does nothing, as stock."""
+        if path is None:
+            return super().save(path, *args, **kwargs)
         with atomic_folder(path) as staging:
             super().save(str(staging), *args, **kwargs)

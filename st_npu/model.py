@@ -1,9 +1,10 @@
 """``st_npu.SentenceTransformer``: stock sentence-transformers with an NPU-aware constructor.
 
-Construction is st_npu's: the device is chosen and checked first, the model folder is read and validated, and
-the pipeline is handed to stock through its public ``modules=`` argument. Everything about running the model is the
-engine's (:func:`st_npu.engine.accelerate`, the same for every door), so this class keeps only construction and
-stock API conveniences (``warmup``, an atomic ``save``, NPU-ready pools).
+Construction wraps stock's: the device is chosen and checked first, the model folder is read and validated with
+errors that name the file (:mod:`st_npu.loading.folder`), then stock's own loader builds the modules
+(:mod:`st_npu.loading.pipeline`; only a known model without ``modules.json`` is assembled by st_npu). Everything
+about running the model is the engine's (:func:`st_npu.engine.accelerate`, the same for every door), so this class
+keeps only construction and stock API conveniences (``warmup``, an atomic ``save``, NPU-ready pools).
 """
 
 from __future__ import annotations
@@ -17,22 +18,22 @@ from st_npu import _compat
 from st_npu.accelerated import AcceleratedModel
 from st_npu.engine import Options, ShapePolicy, accelerate
 from st_npu.loading.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
-from st_npu.loading.pipeline import build_modules, instruction_prompts
+from st_npu.loading.pipeline import stock_arguments
 from st_npu.runtime.devices import check_dtype_supported, resolve_device, resolve_dtype
 
-# Stock constructor arguments that concern reading the model; st_npu applies them while it builds the modules.
-LOADING_KWARGS = ("cache_folder", "revision", "token", "local_files_only", "trust_remote_code", "model_kwargs",
-                  "processor_kwargs", "tokenizer_kwargs", "config_kwargs", "backend")
+# Stock constructor arguments that say where to find a hub model; st_npu fetches it before stock loads it.
+HUB_KWARGS = ("cache_folder", "revision", "token", "local_files_only")
 
 
 class SentenceTransformer(AcceleratedModel, _compat.StockSentenceTransformer):
     """A ``sentence_transformers.SentenceTransformer`` that runs on Ascend NPUs.
 
     Args:
-        model_name_or_path: a model folder or a hub id (default ``BAAI/llm-embedder``), resolved through
-            huggingface_hub's cache, ``HF_ENDPOINT`` mirrors and offline mode.
+        model_name_or_path: a model folder or a hub id (``BAAI/llm-embedder`` when neither it nor ``modules`` is
+            given), resolved through huggingface_hub's cache, ``HF_ENDPOINT`` mirrors and offline mode.
         device: ``None``/``"auto"`` (``npu:{LOCAL_RANK or 0}`` when an NPU is usable, else cuda, mps, xpu, cpu),
             ``"npu"``, ``"npu:N"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``. torch_npu is loaded as needed.
+            With ``model_kwargs={"device_map": ...}`` it is left to stock, which ignores it with a warning.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``, as names or torch dtypes.
         spec: the name of a known-model spec (``configs/models``) for a folder whose name does not say which
             model it holds; needed only when the folder lacks ``modules.json``.
@@ -49,7 +50,7 @@ class SentenceTransformer(AcceleratedModel, _compat.StockSentenceTransformer):
 
     def __init__(
         self,
-        model_name_or_path: str | os.PathLike | None = DEFAULT_MODEL,
+        model_name_or_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         *,
@@ -63,27 +64,22 @@ class SentenceTransformer(AcceleratedModel, _compat.StockSentenceTransformer):
         if unknown:  # e.g. tokenizer_kwargs, which sentence-transformers 5.x and 6.x call processor_kwargs
             raise TypeError(f"SentenceTransformer() got unexpected keyword argument(s) {', '.join(sorted(unknown))}: "
                             f"the installed sentence-transformers {_compat.stock_version()} does not take them")
-        torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
-        check_dtype_supported(torch_device, torch_dtype)
-        self.model_spec = None
-
-        if stock_kwargs.get("modules") is not None:  # a pipeline the caller assembled: nothing to read
-            if model_name_or_path not in (None, DEFAULT_MODEL):
-                raise TypeError("Pass either model_name_or_path or modules, not both.")
-            super().__init__(device=str(torch_device), **stock_kwargs)
+        if (stock_kwargs.get("model_kwargs") or {}).get("device_map") is not None:
+            stock_device = device  # stock places the modules and ignores device, with a warning
         else:
-            loading = {key: stock_kwargs.pop(key) for key in LOADING_KWARGS if key in stock_kwargs}
-            folder = resolve_model_path(
-                model_name_or_path or DEFAULT_MODEL,
-                **{key: loading[key] for key in ("cache_folder", "revision", "token", "local_files_only") if key in loading},
-            )
-            plan = read_model_folder(folder, spec=spec_by_name(spec) if spec else None, model_id=str(model_name_or_path))
-            modules = build_modules(plan, **loading)
-            prompts = {**instruction_prompts(plan.spec), **plan.prompts, **(stock_kwargs.pop("prompts", None) or {})}
-            stock_kwargs.setdefault("default_prompt_name", plan.default_prompt_name)
-            stock_kwargs.setdefault("similarity_fn_name", plan.similarity_fn_name)
-            super().__init__(modules=modules, device=str(torch_device), prompts=prompts, **stock_kwargs)
+            stock_device = str(resolve_device(device))
+            check_dtype_supported(torch.device(stock_device), torch_dtype)
+        self.model_spec = None
+        if stock_kwargs.get("modules") is not None and model_name_or_path is None:  # a pipeline the caller built
+            super().__init__(device=stock_device, **stock_kwargs)
+        else:
+            folder = resolve_model_path(model_name_or_path or DEFAULT_MODEL,
+                                        **{key: stock_kwargs[key] for key in HUB_KWARGS if key in stock_kwargs})
+            plan = read_model_folder(folder, spec=spec_by_name(spec) if spec else None,
+                                     model_id=str(model_name_or_path or DEFAULT_MODEL))
+            path, kwargs = stock_arguments(plan, stock_kwargs)
+            super().__init__(path, device=stock_device, **kwargs)
             self.model_spec = plan.spec
         if torch_dtype is not None:
             self.to(torch_dtype)

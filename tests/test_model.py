@@ -149,9 +149,9 @@ def test_broken_folder_fails_at_construction_naming_the_file(tiny_cls, tmp_path,
 
 def test_non_string_input_names_position_and_type(tiny_cls):
     model = st_npu.SentenceTransformer(tiny_cls, device="cpu")
-    with pytest.raises(TypeError, match=r"index 2 is int"):
+    with pytest.raises(ValueError, match=r"index 2 \(3\): Unsupported input type: int"):
         model.encode(["a", "b", 3, "d"])
-    with pytest.raises(TypeError, match=r"index 0 is NoneType"):
+    with pytest.raises(ValueError, match=r"index 0 \(None\): Unsupported input type: NoneType"):
         model.encode_query([None])
 
 
@@ -203,3 +203,19 @@ def test_modules_argument_builds_from_modules(tiny_cls):
     modules = list(st_npu.SentenceTransformer(tiny_cls, device="cpu"))
     model = st_npu.SentenceTransformer(modules=modules, device="cpu")
     assert model.encode("hi").shape == (32,)
+
+
+def test_models_without_a_transformer_are_checked_then_loaded_by_stock(tmp_path):
+    from st_npu.testing.fixtures import static_folder
+
+    folder = static_folder(tmp_path / "static")
+    model = st_npu.SentenceTransformer(folder, device="cpu")
+    assert [type(module).__name__ for module in model] == ["StaticEmbedding"]
+    (folder / "modules.json").write_text('[{"type": "sentence_transformers.models.StaticEmbedding"')
+    with pytest.raises(ModelFolderError, match=r"modules\.json is malformed JSON"):
+        st_npu.SentenceTransformer(folder, device="cpu")
+
+
+def test_model_path_that_is_a_file_raises_a_not_a_directory_error(tiny_cls):
+    with pytest.raises(NotADirectoryError, match=r"config\.json is a file"):
+        st_npu.SentenceTransformer(tiny_cls / "config.json", device="cpu")

@@ -81,6 +81,9 @@ class Engine:
         self.buckets = static if isinstance(static, ShapePolicy) else ShapePolicy()
         self.signature = _compat.entry_signature(model, kind)
         self.inputs_name = list(self.signature.parameters)[1]
+        tokenizer = model.tokenizer
+        self.left = getattr(tokenizer, "padding_side", "right") == "left"  # where padding goes, as the tokenizer pads
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.prefetch = options.overlap if options.overlap is not None else device.type != "cpu"
         self.last_prefetch = {"hits": 0, "misses": 0}
         self.backoff = Backoff()
@@ -196,7 +199,8 @@ class Engine:
 
     def tokenize(self, items: list[Any], **kwargs: Any) -> Tokens | None:
         """``items`` tokenised by stock's ``preprocess`` with ``kwargs`` (the prompt and options stock passes)."""
-        return Tokens.of(self.model, items, functools.partial(type(self.model).preprocess, self.model), **kwargs)
+        return Tokens.of(items, functools.partial(type(self.model).preprocess, self.model),
+                         tokenizer_lock(self.model.tokenizer), self.left, self.pad_id, kwargs)
 
     def tokens_from_ids(self, items: list[Any], ids: list[list[int]], **entry_kwargs: Any) -> Tokens | None:
         """Tokens for a call with ``entry_kwargs`` made from token ids a caller computed already (a server's
@@ -204,10 +208,8 @@ class Engine:
         kwargs = self.preprocess_kwargs(**entry_kwargs)
         with tokenizer_lock(self.model.tokenizer):
             sample = type(self.model).preprocess(self.model, items[:1], **kwargs)
-        tokenizer = self.model.tokenizer
-        return Tokens.from_ids(items, ids, sample, kwargs, getattr(tokenizer, "pad_token_id", None) or 0,
-                               getattr(tokenizer, "sep_token_id", None),
-                               getattr(tokenizer, "padding_side", "right") == "left")
+        return Tokens.from_ids(items, ids, sample, kwargs, self.pad_id,
+                               getattr(self.model.tokenizer, "sep_token_id", None), self.left)
 
     def given_tokens(self, tokens: Tokens) -> Any:
         """A context in which this thread's calls take ``tokens`` (computed earlier, e.g. by a server at admission)
@@ -273,9 +275,7 @@ class Engine:
         ids = features.get("input_ids") if hasattr(features, "get") else None
         if policy is not None and isinstance(ids, torch.Tensor) and ids.ndim == 2:
             target = (policy.batch_bucket(ids.shape[0]), policy.seq_bucket(ids.shape[1]))
-        tokenizer = self.model.tokenizer
-        left = getattr(tokenizer, "padding_side", "right") == "left"
-        return pad(features, target, getattr(tokenizer, "pad_token_id", None) or 0, left)
+        return pad(features, target, self.pad_id, self.left)
 
     def forward(self, features: Any, **kwargs: Any) -> Any:
         """Stock forward: the staged batch's graph replayed, else eager with out-of-memory backoff; the outputs
@@ -368,9 +368,7 @@ class Engine:
         full, short = self.sample_input(tokens), self.sample_input(min(tokens, 3))
         batch = [full] * (rows - 1) + [short] if rows > 1 else [full]
         features = type(self.model).preprocess(self.model, batch)
-        tokenizer = self.model.tokenizer
-        left = getattr(tokenizer, "padding_side", "right") == "left"
-        return pad(features, (rows, tokens), getattr(tokenizer, "pad_token_id", None) or 0, left)[0]
+        return pad(features, (rows, tokens), self.pad_id, self.left)[0]
 
     def __getstate__(self) -> dict[str, Any]:  # a pool pickles the model, and with it its engine
         return {key: value for key, value in self.__dict__.items() if key != "signature"}

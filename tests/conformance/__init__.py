@@ -1,0 +1,1 @@
+"""Conformance with stock sentence-transformers (issue 17); see doors.py."""
