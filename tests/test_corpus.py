@@ -51,7 +51,7 @@ def test_txt_rows_and_ids_match_model_encode(tiny_cls, tmp_path):
     np.testing.assert_allclose(vectors, expected(tiny_cls, TEXTS), atol=1e-6)
     assert table.schema.field("embedding").type == pyarrow.list_(pyarrow.float32(), 32)
     assert summary["shards"] == 3 and summary["rows"] == len(TEXTS)
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert [(s["start"], s["end"], s["count"]) for s in manifest["shards"].values()] == [(0, 3, 3), (3, 6, 3), (6, 7, 1)]
     assert manifest["model"]["normalized"] is True and manifest["model"]["max_seq_length"] == 512
     assert "model.safetensors" in manifest["model_identity"]["files"]
@@ -157,7 +157,7 @@ def test_on_bad_row_skip_writes_rejects(tiny_cls, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_bytes(b'{"text": "a"}\n{"body": "b"}\n{"text": null}\nnot json\n{"text": "e"}\n')
     summary = embed_corpus(tiny_cls, source, tmp_path / "out", devices=["cpu"], on_bad_row="skip", progress=False)
-    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "_rejects.jsonl").read_text().splitlines()]
     assert [reject["row"] for reject in rejects] == [1, 2, 3] and summary["rejects"] == 3
     assert "has no field 'text'" in rejects[0]["reason"] and "malformed JSON" in rejects[2]["reason"]
     assert read_output(tmp_path / "out")[0] == [0, 4]
@@ -168,7 +168,7 @@ def test_an_error_after_some_shards_keeps_them(tiny_cls, tmp_path):
     source.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"oops": 1}\n')
     with pytest.raises(InputError, match="line 4"):
         embed_corpus(tiny_cls, source, tmp_path / "out", devices=["cpu"], shard_size=2, progress=False)
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert list(manifest["shards"]) == ["00000"] and (tmp_path / "out" / "part-00000.parquet").is_file()
 
 
@@ -217,13 +217,13 @@ def test_killed_job_resumes_to_the_uninterrupted_output(tiny_cls, corpus_2k, uni
     assert table.equals(whole_table)
     for name in sorted(p.name for p in uninterrupted.glob("part-*")):
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes()
-    shards = lambda folder: json.loads((folder / "manifest.json").read_text())["shards"]  # noqa: E731
+    shards = lambda folder: json.loads((folder / "_manifest.json").read_text())["shards"]  # noqa: E731
     assert shards(out) == shards(uninterrupted)
 
 
 def _finished_shards(out: Path) -> int:
     try:
-        return len(json.loads((out / "manifest.json").read_text())["shards"])
+        return len(json.loads((out / "_manifest.json").read_text())["shards"])
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
 
@@ -232,11 +232,15 @@ def _finished_shards(out: Path) -> int:
 
 
 @needs_emulator
-def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path):
+def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the workers size their threads themselves
     summary = embed_corpus(tiny_cls, corpus_2k, tmp_path / "out", devices=["npu:0", "npu:1"], shard_size=200,
                            max_seq_length=32, progress=False)
     assert set(summary["devices"]) == {"npu:0", "npu:1"}
     assert all(figures["ops"] > 0 and figures["shards"] > 0 for figures in summary["devices"].values())
+    # Each worker runs torch on its share of the cores, not one thread per core of the host.
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {figures["threads"] for figures in summary["devices"].values()} == {share}
     ids, vectors, _ = read_output(tmp_path / "out")
     assert ids == list(range(2000))
     model = SentenceTransformer(str(tiny_cls), device="cpu")
@@ -247,24 +251,35 @@ def test_two_emulated_npus_both_work(tiny_cls, corpus_2k, tmp_path):
 @needs_emulator
 def test_a_worker_killed_mid_job_has_its_shard_redone(tiny_cls, corpus_2k, tmp_path, capfd):
     out = tmp_path / "out"
+    # 20,000 rows in 100 shards: the job must outlast npu:1's warm-up by more than a blink, to be killed mid-way.
+    source = tmp_path / "corpus_20k.txt"
+    source.write_text(corpus_2k.read_text() * 10)
     results = {}
     job = threading.Thread(target=lambda: results.update(embed_corpus(
-        tiny_cls, corpus_2k, out, devices=["npu:0", "npu:1"], shard_size=100, max_seq_length=32, progress=False)))
+        tiny_cls, source, out, devices=["npu:0", "npu:1"], shard_size=200, max_seq_length=32, progress=False)))
     job.start()
     deadline = time.monotonic() + 300
-    while _finished_shards(out) < 2:
+    err = ""
+    # npu:1 holds a shard once its warm-up is over and the parent has seen it ready (npu:0 may have finished a
+    # few shards by then): wait for its warm-up line, then for two more shards.
+    while "st_npu warm-up: " not in err or " on npu:1 in " not in err:
+        assert job.is_alive() and time.monotonic() < deadline
+        err += capfd.readouterr().err
+        time.sleep(0.05)
+    target = _finished_shards(out) + 2
+    while _finished_shards(out) < target:
         assert job.is_alive() and time.monotonic() < deadline
         time.sleep(0.05)
     victim = next(p for p in multiprocessing.active_children() if p.name == "st-npu-corpus-npu:1")
     os.kill(victim.pid, signal.SIGKILL)
     job.join(timeout=600)
     assert not job.is_alive() and results, "the job did not finish after losing a worker"
-    assert results["shards"] == 20 and _finished_shards(out) == 20
+    assert results["shards"] == 100 and _finished_shards(out) == 100
     assert "the worker on npu:1 died (killed by SIGKILL); its shard" in capfd.readouterr().err
     # npu:0 finished the job; whether npu:1 had completed a shard before it died is a matter of timing.
-    assert "npu:0" in results["devices"] and sum(d["shards"] for d in results["devices"].values()) == 20
+    assert "npu:0" in results["devices"] and sum(d["shards"] for d in results["devices"].values()) == 100
     ids, vectors, _ = read_output(out)
-    assert ids == list(range(2000))  # the dead worker's shard was redone once, nothing written twice
+    assert ids == list(range(20000))  # the dead worker's shard was redone once, nothing written twice
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 

@@ -1,4 +1,6 @@
-"""The Ray engine on a local Ray (loopback only) with 2 emulated NPUs: one actor per NPU, each with the emulator."""
+"""The Ray engine on a local two-node Ray cluster (loopback only), each node with one emulated NPU: equal to the
+local engine, shards written by the actors (not the driver), one model load per actor, a killed actor and a
+removed node costing no row."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +20,50 @@ from conftest import needs_emulator
 ray = pytest.importorskip("ray", reason='the Ray engine needs Ray: pip install "st-npu[ray]"')
 pytest.importorskip("pyarrow", reason='the corpus job needs pyarrow: pip install "st-npu[corpus]"')
 import pyarrow.parquet as pq  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 from st_npu.corpus import embed_corpus  # noqa: E402
 from st_npu.corpus.encoder import ModelSettings  # noqa: E402
-from st_npu.corpus.ray_engine import Embedder, embed_dataset  # noqa: E402
+from st_npu.corpus.ray_engine import Embedder, ShardWriter, embed_dataset  # noqa: E402
 
 pytestmark = needs_emulator
 # Ray's workers cannot import this test module: its test classes travel by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ROWS = 600
+NODE = {"num_cpus": 1, "resources": {"NPU": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False}
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, resources={"NPU": 2}, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"ST_NPU_EMULATE": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+def cluster():
+    """A fresh two-node Ray (never one already running on the machine), one NPU per node, on 127.0.0.1 only."""
+    # ray.init turns 127.0.0.1 into the host's address unless Ray is told it runs on one machine; its nodes and
+    # workers read the variable, this process the constant (Ray may have been imported before).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    loopback = pytest.MonkeyPatch()
+    loopback.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+    cluster = Cluster(initialize_head=True, head_node_args=NODE)
+    cluster.add_node(**NODE)
+    ray.init(address=cluster.address, log_to_driver=False,
+             runtime_env={"env_vars": {"ST_NPU_EMULATE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       "OMP_NUM_THREADS": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+    loopback.undo()
+    del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+
+
+def _corpus(path: Path, rows: int) -> Path:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rng = np.random.default_rng(1)
+    path.write_text("".join(" ".join(rng.choice(words, rng.integers(0, 9))) + "\n" for _ in range(rows)))
+    return path
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("ray") / "corpus.txt"
-    path.write_text("".join(" ".join(rng.choice(words, rng.integers(0, 9))) + "\n" for _ in range(ROWS)))
-    return path
+    return _corpus(tmp_path_factory.mktemp("ray") / "corpus.txt", ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +73,40 @@ def local_output(tiny_cls, corpus, tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_output(out: Path, reference: Path) -> None:
-    table, expected = (pq.read_table(sorted(folder.glob("part-*.parquet"))) for folder in (out, reference))
-    assert table.column("id").to_pylist() == expected.column("id").to_pylist() == list(range(ROWS))
-    vectors, expected_vectors = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (table, expected))
+def assert_same_output(out: Path, reference: Path, rows: int = ROWS) -> None:
+    table, expected = (pq.read_table(folder) for folder in (out, reference))
+    assert table.column("id").to_pylist() == expected.column("id").to_pylist() == list(range(rows))
+    vectors, expected_vectors = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+                                 for t in (table, expected))
     np.testing.assert_allclose(vectors, expected_vectors, atol=1e-6)
-    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (out, reference)]
+    manifests = [json.loads((folder / "_manifest.json").read_text()) for folder in (out, reference)]
     for key in ("settings", "model_identity", "input", "model"):
         assert manifests[0][key] == manifests[1][key]
     assert [(s["start"], s["end"], s["count"]) for s in manifests[0]["shards"].values()] == \
         [(s["start"], s["end"], s["count"]) for s in manifests[1]["shards"].values()]
 
 
-def test_ray_on_two_emulated_npus_equals_the_local_engine(local_ray, tiny_cls, corpus, local_output, tmp_path):
+def _refuse_writes(*args, **kwargs):
+    raise AssertionError("the driver wrote a shard")
+
+
+def test_two_nodes_equal_the_local_engine_with_shards_written_by_the_actors(cluster, tiny_cls, corpus, local_output,
+                                                                            tmp_path, monkeypatch):
+    # The driver's own copies of the shard writer fail: every shard must come from an actor's process.
+    monkeypatch.setattr("st_npu.corpus.workers.write_shard", _refuse_writes)
+    monkeypatch.setattr("st_npu.corpus.shards.write_shard", _refuse_writes)
     summary = embed_corpus(tiny_cls, corpus, tmp_path / "out", engine="ray", shard_size=100, max_seq_length=32,
                            progress=False)
     assert summary["shards"] == 6 and summary["embedded"] == ROWS
     assert_same_output(tmp_path / "out", local_output)
+    actors = summary["actors"]
+    assert actors and all(actor["model_loads"] == 1 for actor in actors.values())  # once per actor, per job
+    assert os.getpid() not in {actor["pid"] for actor in actors.values()}
+    assert sum(actor["shards"] for actor in actors.values()) == 6
+    # A second run resumes: every shard is checked where it lies and none is embedded again.
+    again = embed_corpus(tiny_cls, corpus, tmp_path / "out", engine="ray", shard_size=100, max_seq_length=32,
+                         progress=False)
+    assert again["shards_skipped"] == 6 and again["embedded"] == 0
 
 
 class _ReportingEmbedder(Embedder):
@@ -82,14 +119,18 @@ class _ReportingEmbedder(Embedder):
         return batch
 
 
-@ray.remote
-class _VisibleNpu:
-    def visible(self) -> str:
-        return os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "")
+def test_embed_dataset_actors_hold_their_node_npu_as_npu_0(cluster, tiny_cls, corpus, monkeypatch):
+    monkeypatch.setattr("st_npu.corpus.ray_engine.Embedder", _ReportingEmbedder)
+    texts = corpus.read_text().splitlines()
+    dataset = ray.data.from_items([{"row": row, "text": text} for row, text in enumerate(texts)], override_num_blocks=6)
+    rows = embed_dataset(dataset, ModelSettings(str(tiny_cls), max_seq_length=32), actors=2,
+                         cpus_per_actor=0.5).take_all()
+    assert len(rows) == len(texts)
+    assert {row["device"] for row in rows} == {"npu:0"} and {row["visible"] for row in rows} == {"0"}
 
 
-class _DyingOnceEmbedder(Embedder):
-    """Kills its own actor (SIGKILL) on its first batch, once per test (a marker file says it happened)."""
+class _DyingOnceWriter(ShardWriter):
+    """Kills its own actor (SIGKILL) on its first shard, once per test (a marker file says it happened)."""
 
     marker = ""
 
@@ -102,34 +143,45 @@ class _DyingOnceEmbedder(Embedder):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _dataset(corpus: Path):
-    texts = corpus.read_text().splitlines()
-    return ray.data.from_items([{"row": row, "text": text} for row, text in enumerate(texts)], override_num_blocks=6)
-
-
-def test_each_actor_holds_one_emulated_npu_as_npu_0(local_ray, tiny_cls, corpus, monkeypatch):
-    monkeypatch.setattr("st_npu.corpus.ray_engine.Embedder", _ReportingEmbedder)
-    settings = ModelSettings(str(tiny_cls), max_seq_length=32)
-    rows = embed_dataset(_dataset(corpus), settings, actors=2).take_all()
-    assert len(rows) == len(corpus.read_text().splitlines())
-    assert {row["device"] for row in rows} == {"npu:0"}
-    # Which actor takes which block is Ray's choice (one may take them all), so each row says only that its actor
-    # saw one of the two NPUs; two actors alive at once must hold different ones.
-    assert {row["visible"] for row in rows} <= {"0", "1"}
-    holders = [_VisibleNpu.options(resources={"NPU": 1}, num_cpus=0).remote() for _ in range(2)]
-    try:
-        assert sorted(ray.get([holder.visible.remote() for holder in holders], timeout=120)) == ["0", "1"]
-    finally:
-        for holder in holders:  # give the NPUs back to the tests after this one
-            ray.kill(holder)
-
-
-def test_one_actor_killed_mid_job_still_completes(local_ray, tiny_cls, corpus, local_output, monkeypatch, tmp_path):
+def test_an_actor_killed_mid_job_costs_no_row(cluster, tiny_cls, corpus, local_output, monkeypatch, tmp_path):
     marker = tmp_path / "killed"
-    monkeypatch.setattr(_DyingOnceEmbedder, "marker", str(marker))
-    monkeypatch.setattr("st_npu.corpus.ray_engine.Embedder", _DyingOnceEmbedder)
+    monkeypatch.setattr(_DyingOnceWriter, "marker", str(marker))
+    monkeypatch.setattr("st_npu.corpus.ray_engine.ShardWriter", _DyingOnceWriter)
     summary = embed_corpus(tiny_cls, corpus, tmp_path / "out", engine="ray", shard_size=100, max_seq_length=32,
                            progress=False)
     assert marker.exists(), "no actor was killed"
     assert summary["embedded"] == ROWS
     assert_same_output(tmp_path / "out", local_output)
+
+
+def test_a_node_removed_mid_job_costs_no_row(cluster, tiny_cls, tmp_path):
+    rows = 3000
+    source = _corpus(tmp_path / "big.txt", rows)
+    out = tmp_path / "out"
+    results: dict = {}
+    job = threading.Thread(target=lambda: results.update(embed_corpus(
+        tiny_cls, source, out, engine="ray", shard_size=100, max_seq_length=32, progress=False)))
+    job.start()
+    deadline = time.monotonic() + 300
+    while not (out / "_manifest.json").is_file() or len(json.loads((out / "_manifest.json").read_text())["shards"]) < 3:
+        assert job.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    worker = next(iter(cluster.worker_nodes))
+    cluster.remove_node(worker, allow_graceful=False)
+    job.join(timeout=300)
+    cluster.add_node(**NODE)  # for any test after this one
+    assert not job.is_alive() and results, "the job did not finish after losing a node"
+    assert results["embedded"] == rows
+    # The removed node had embedded shards before it went: the job lost an actor in the middle of its work.
+    assert worker.node_id in {actor["node"] for actor in results["actors"].values() if actor["shards"]}
+    table = pq.read_table(out)
+    assert sorted(table.column("id").to_pylist()) == list(range(rows))  # every id once
+
+
+def test_a_bad_row_stops_the_ray_job_naming_file_and_line(cluster, tiny_cls, tmp_path):
+    from st_npu.files.inputs import InputError
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(InputError, match=r"in.jsonl: line 2: has no field 'text'"):
+        embed_corpus(tiny_cls, source, tmp_path / "out", engine="ray", progress=False)

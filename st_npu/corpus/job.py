@@ -14,61 +14,82 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from st_npu.corpus import manifest as manifests
-from st_npu.corpus.encoder import ModelSettings
-from st_npu.corpus.reader import Fields, Shard, fingerprint, input_files, row_count, shards
-from st_npu.corpus.shards import OUTPUT_DTYPES, shard_holds
+from st_npu.corpus.encoder import ModelSettings, ShardEncoder
+from st_npu.corpus.reader import Fields, Shard, fingerprint, input_files, pyarrow_modules, row_count, shards
+from st_npu.corpus.shards import CALIBRATION_ROWS, OUTPUT_DTYPES, RANGED, ShardFormat, ranges_of, shard_holds
 from st_npu.corpus.workers import Done, run_here, run_processes
 from st_npu.errors import UsageError
-from st_npu.loading.fingerprint import model_identity
 from st_npu.files.outputs import atomic_file
+from st_npu.loading.fingerprint import model_identity
 
 DEFAULT_SHARD_SIZE = 10_000
-REJECTS = "rejects.jsonl"
+REJECTS = "_rejects.jsonl"
 ENGINES = ("local", "ray")
 BAD_ROW_CHOICES = ("error", "skip")
+DUPLICATE_ID_CHOICES = ("error", "keep")
 
 
 def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], output: str | os.PathLike[str], *,
                  devices: Sequence[str] | None = None, dtype: str | None = None, spec: str | None = None,
                  prompt_name: str | None = None, max_seq_length: int | None = None, batch_size: int = 32,
                  text_field: str = "text", id_field: str | None = None, keep: Sequence[str] = (),
-                 output_dtype: str = "float32", skip_empty: bool = False, on_bad_row: str = "error",
+                 output_dtype: str = "float32", truncate_dim: int | None = None, int8_ranges: Any = None,
+                 skip_empty: bool = False, on_bad_row: str = "error", on_duplicate_id: str = "error",
                  shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, engine: str = "local",
-                 ray_address: str | None = None, ray_actors: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 ray_address: str | None = None, ray_actors: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Embed every row of ``input`` into Parquet shards under ``output``; returns the job's summary.
 
     ``model`` is a model folder or hub id (each worker loads its own copy). ``devices``: every local NPU by
-    default (else st_npu's automatic choice), or a list such as ``["npu:0", "npu:3"]``. Rerunning the same call
-    resumes; a call that differs in model, settings or input is refused unless ``overwrite``.
+    default (else st_npu's automatic choice), or a list such as ``["npu:0", "npu:3"]``. ``output_dtype`` int8 or
+    uint8 quantises with ``int8_ranges`` (a (2, dimension) array of minima and maxima) or, without them, the ranges
+    of the input's first rows; either way the manifest keeps them. Rerunning the same call resumes; a call that
+    differs in model, settings or input is refused unless ``overwrite``.
     """
-    if output_dtype not in OUTPUT_DTYPES:
-        raise UsageError(f"output dtype {output_dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
-    if on_bad_row not in BAD_ROW_CHOICES:
-        raise UsageError(f"on_bad_row {on_bad_row!r}: choose one of {', '.join(BAD_ROW_CHOICES)}")
-    if engine not in ENGINES:
-        raise UsageError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
+    pyarrow_modules()  # before any work: without pyarrow no shard could be written
+    for name, value, choices in (("output dtype", output_dtype, OUTPUT_DTYPES), ("on_bad_row", on_bad_row,
+                                 BAD_ROW_CHOICES), ("on_duplicate_id", on_duplicate_id, DUPLICATE_ID_CHOICES),
+                                 ("engine", engine, ENGINES)):
+        if value not in choices:
+            raise UsageError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("truncate_dim", truncate_dim or 1)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
+    if int8_ranges is not None and output_dtype not in RANGED:
+        raise UsageError(f"int8_ranges are for output dtype int8 or uint8, not {output_dtype}")
     from st_npu.loading.folder import resolve_model_path
 
     files = input_files(input)
     fields = Fields(text_field, id_field, tuple(keep))
-    settings = ModelSettings(str(model), dtype, spec, prompt_name, max_seq_length, batch_size)
+    settings = ModelSettings(str(model), dtype, spec, prompt_name, max_seq_length, batch_size, truncate_dim)
+    ranges = _given_ranges(int8_ranges)
     job = {
         "format": manifests.FORMAT,
-        "settings": {**settings.to_json(), "output_dtype": output_dtype, "text_field": text_field,
-                     "id_field": id_field, "keep": list(keep), "skip_empty": skip_empty, "on_bad_row": on_bad_row,
-                     "shard_size": shard_size},
+        "settings": {**settings.to_json(), "output_dtype": output_dtype, "int8_ranges": ranges,
+                     "text_field": text_field, "id_field": id_field, "keep": list(keep), "skip_empty": skip_empty,
+                     "on_bad_row": on_bad_row, "on_duplicate_id": on_duplicate_id, "shard_size": shard_size},
         "model_identity": model_identity(resolve_model_path(str(model)), {"name": spec} if spec else None),
         "input": fingerprint(files),
     }
     folder = _prepare_output(Path(output), job, overwrite)
-    state = manifests.load(folder) or {**job, "model": None, "shards": {}, "complete": False}
-    state.update(complete=False, input_rows=None, rejects=0)
-    return _Run(folder, state, files, fields, settings, skip_empty, on_bad_row == "skip", progress).execute(
-        engine, _devices(devices) if engine == "local" else None, ray_address, ray_actors)
+    state = manifests.load(folder) or {**job, "model": None, "ranges": ranges, "shards": {}, "complete": False}
+    state.update(settings=job["settings"], complete=False, input_rows=None, rejects=0)
+    run = _Run(folder, state, files, fields, settings, skip_empty, on_bad_row == "skip", on_duplicate_id == "error",
+               progress)
+    return run.execute(engine, _devices(devices) if engine == "local" else None, ray_address, ray_actors)
+
+
+def _given_ranges(ranges: Any) -> list[list[float]] | None:
+    if ranges is None:
+        return None
+    array = np.asarray(ranges, dtype=np.float32)
+    if array.ndim != 2 or array.shape[0] != 2 or not np.isfinite(array).all() or (array[1] < array[0]).any():
+        raise UsageError(f"int8_ranges must be a (2, dimension) array of finite minima then maxima, got shape "
+                         f"{array.shape}")
+    return array.tolist()
 
 
 def _prepare_output(folder: Path, job: dict[str, Any], overwrite: bool) -> Path:
@@ -105,81 +126,122 @@ class _Run:
     """One execution: feeds the engine the shards still to do, records what it finishes, counts for the summary."""
 
     def __init__(self, folder: Path, state: dict[str, Any], files: list[Path], fields: Fields,
-                 settings: ModelSettings, skip_empty: bool, skip_bad_rows: bool, progress: bool) -> None:
+                 settings: ModelSettings, skip_empty: bool, skip_bad_rows: bool, unique_ids: bool,
+                 progress: bool) -> None:
         self.folder, self.state, self.files, self.fields, self.settings = folder, state, files, fields, settings
-        self.skip_empty, self.skip_bad_rows, self.progress = skip_empty, skip_bad_rows, progress
+        self.skip_empty, self.skip_bad_rows, self.unique_ids, self.progress = (skip_empty, skip_bad_rows, unique_ids,
+                                                                               progress)
         self.counts = {"rows": 0, "embedded": 0, "empty_skipped": 0, "rejects": 0, "shards_done": 0,
                        "shards_skipped": 0}
         self.per_device: dict[str, dict[str, Any]] = {}
+        self.actors: dict[str, dict[str, Any]] = {}  # Ray actors: host, pid, shards, model loads
+        self.rejects: Any = None
+
+    @property
+    def output_dtype(self) -> str:
+        return self.state["settings"]["output_dtype"]
 
     def execute(self, engine: str, devices: list[str | None] | None, ray_address: str | None,
                 ray_actors: int | None) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         started = time.perf_counter()
-        output_dtype = self.state["settings"]["output_dtype"]
         with ExitStack() as stack:
-            rejects = stack.enter_context(atomic_file(self.folder / REJECTS)) if self.skip_bad_rows else None
-            self.bar = stack.enter_context(tqdm(total=row_count(self.files), unit="row", disable=not self.progress,
-                                                desc="embed-corpus", smoothing=0.1))
-            todo = self._to_do(rejects)
+            self.rejects = stack.enter_context(atomic_file(self.folder / REJECTS)) if self.skip_bad_rows else None
+            # The rate counts only rows embedded now: a finished shard found on resume lowers the total instead.
+            self.bar = stack.enter_context(tqdm(total=None if engine == "ray" else row_count(self.files), unit="row",
+                                                disable=not self.progress, desc="embed-corpus", smoothing=0.1))
             if engine == "ray":
                 from st_npu.corpus.ray_engine import run_ray
 
-                run_ray(ray_address, ray_actors, self.settings, todo, self.folder, output_dtype, self._ready,
-                        self._done)
-            elif len(devices) == 1:
-                run_here(devices[0], self.settings, todo, self.folder, output_dtype, self._ready, self._done)
+                run_ray(ray_address, ray_actors, self)
             else:
-                run_processes(devices, self.settings, todo, self.folder, output_dtype, self._ready, self._done)
+                self._run_local(devices)
         self.state.update(complete=True, input_rows=self.counts["rows"], rejects=self.counts["rejects"])
         manifests.save(self.folder, self.state)
         return self._summary(time.perf_counter() - started)
 
-    def _to_do(self, rejects: Any) -> Iterator[Shard]:
+    def _run_local(self, devices: list[str | None]) -> None:
+        encoder = ShardEncoder(self.settings, devices[0]) if len(devices) == 1 else None
+        if self.output_dtype in RANGED and self.state["ranges"] is None:
+            sample = next(shards(self.files, self.fields, CALIBRATION_ROWS, True, True, False)).texts
+            self.set_ranges(ranges_of((encoder or ShardEncoder(self.settings, devices[0])).encode(sample)))
+        if encoder is not None:
+            run_here(encoder, self._to_do(), self.folder, self.shard_format, self.ready, self.done, self.bar.update)
+        else:
+            run_processes(devices, self.settings, self._to_do(), self.folder, self.shard_format, self.ready,
+                          self.done, self.bar.update)
+
+    def set_ranges(self, ranges: list[list[float]]) -> None:
+        """Fix the int8/uint8 ranges for the whole job (from the vectors of a sample), and keep them."""
+        self.state["ranges"] = ranges
+        manifests.save(self.folder, self.state)
+
+    @property
+    def shard_format(self) -> ShardFormat:
+        return ShardFormat(self.output_dtype, self.state["ranges"])
+
+    def _to_do(self) -> Iterator[Shard]:
         """The shards that need embedding; finished ones whose checksums hold are counted and passed over."""
         for shard in shards(self.files, self.fields, self.state["settings"]["shard_size"], self.skip_empty,
-                            self.skip_bad_rows):
-            self.counts["rows"] += shard.end - shard.start
-            self.counts["empty_skipped"] += shard.empty_skipped
-            self.counts["rejects"] += len(shard.rejects)
-            for reject in shard.rejects:
-                line = {"row": reject.row, "where": reject.where, "reason": reject.reason}
-                rejects.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+                            self.skip_bad_rows, self.unique_ids):
+            self.read(shard.end - shard.start, shard.empty_skipped,
+                      [(reject.row, reject.where, reject.reason) for reject in shard.rejects])
             saved = self.state["shards"].get(f"{shard.index:05d}")
             if saved is not None and shard_holds(self.folder, saved):
-                self.counts["shards_skipped"] += 1
-                self.bar.update(shard.end - shard.start)
+                self.skipped(shard.end - shard.start)
                 continue
             yield shard
 
-    def _ready(self, description: dict[str, Any]) -> None:
+    def read(self, rows: int, empty_skipped: int, rejects: list[tuple[int, str, str]]) -> None:
+        """Count a shard's rows, blanks left out and rejects (written to the rejects file)."""
+        self.counts["rows"] += rows
+        self.counts["empty_skipped"] += empty_skipped
+        self.counts["rejects"] += len(rejects)
+        for row, where, reason in rejects:
+            line = {"row": row, "where": where, "reason": reason}
+            self.rejects.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    def skipped(self, rows: int) -> None:
+        self.counts["shards_skipped"] += 1
+        if self.bar.total is not None:
+            self.bar.total -= rows
+        self.bar.set_postfix_str(f"{self.counts['shards_skipped']} shards done before", refresh=True)
+
+    def ready(self, description: dict[str, Any]) -> None:
         saved = self.state.get("model")
         if saved is not None and saved != description:
             differing = sorted(key for key in description if saved.get(key) != description.get(key))
             raise UsageError(f"{self.folder}: the model now gives other {', '.join(differing)} than the manifest "
                              f"records; use --overwrite to start over")
+        ranges = self.state["ranges"]
+        if ranges is not None and len(ranges[0]) != description["dimension"]:
+            raise UsageError(f"int8_ranges have {len(ranges[0])} dimensions; the model's vectors have "
+                             f"{description['dimension']}")
         self.state["model"] = description
 
-    def _done(self, done: Done) -> None:
+    def done(self, done: Done, rows_reported: bool = True) -> None:
         record = done.record
         self.state["shards"][f"{record.index:05d}"] = record.to_json()
         manifests.save(self.folder, self.state)
         self.counts["shards_done"] += 1
         self.counts["embedded"] += record.count
-        device = self.per_device.setdefault(done.device, {"rows": 0, "shards": 0, "seconds": 0.0, "ops": None})
+        device = self.per_device.setdefault(done.device, {"rows": 0, "shards": 0, "seconds": 0.0, "ops": None,
+                                                          "threads": done.threads})
         device["rows"] += record.count
         device["shards"] += 1
         device["seconds"] += done.seconds
         device["ops"] = done.ops
-        self.bar.update(record.end - record.start)
+        # Embedded rows moved the bar as their batches finished; the shard's blanks and rejects move it now.
+        self.bar.update(record.end - record.start - (record.count if rows_reported else 0))
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         for device in self.per_device.values():
             device["rows_per_s"] = round(device["rows"] / device["seconds"], 1) if device["seconds"] else None
         return {**self.counts, "shards": len(self.state["shards"]), "seconds": round(seconds, 2),
                 "rows_per_s": round(self.counts["embedded"] / seconds, 1) if seconds else None,
-                "devices": self.per_device, "output": str(self.folder)}
+                "devices": self.per_device, **({"actors": self.actors} if self.actors else {}),
+                "output": str(self.folder)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -190,8 +252,12 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"time:      {summary['seconds']} s ({summary['rows_per_s']} rows/s)"]
     for device, figures in summary["devices"].items():
         ops = f", {figures['ops']} operators (emulated)" if figures["ops"] is not None else ""
+        threads = f", {figures['threads']} torch threads" if figures.get("threads") else ""
         lines.append(f"  {device:<10} {figures['rows']} rows in {figures['shards']} shards, "
-                     f"{figures['rows_per_s']} rows/s{ops}")
+                     f"{figures['rows_per_s']} rows/s{ops}{threads}")
+    if summary.get("actors"):
+        loads = sorted({actor["model_loads"] for actor in summary["actors"].values()})
+        lines.append(f"  {len(summary['actors'])} Ray actors; model loads per actor: {', '.join(map(str, loads))}")
     lines.append(f"output:    {summary['output']}")
     return "\n".join(lines)
 
@@ -205,7 +271,10 @@ def run_embed_corpus(args: argparse.Namespace) -> int:
                            prompt_name=args.prompt_name, max_seq_length=args.max_seq_length,
                            batch_size=args.batch_size, text_field=args.text_field, id_field=args.id_field,
                            keep=args.keep.split(",") if args.keep else (), output_dtype=args.output_dtype,
-                           skip_empty=args.skip_empty, on_bad_row=args.on_bad_row, shard_size=args.shard_size,
+                           truncate_dim=args.truncate_dim,
+                           int8_ranges=np.load(args.int8_ranges) if args.int8_ranges else None,
+                           skip_empty=args.skip_empty, on_bad_row=args.on_bad_row,
+                           on_duplicate_id=args.on_duplicate_id, shard_size=args.shard_size,
                            overwrite=args.overwrite, engine=args.engine, ray_address=args.ray_address,
                            ray_actors=args.ray_actors, progress=sys.stderr.isatty() or args.progress)
     print(format_summary(summary))

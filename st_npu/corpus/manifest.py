@@ -1,7 +1,9 @@
-"""``manifest.json`` of a corpus output folder: what was embedded with what, and which shards are done.
+"""``_manifest.json`` of a corpus output folder: what was embedded with what, and which shards are done.
 
 A rerun compares its settings and input with the manifest's: the same ones resume (finished shards whose
-checksums hold are skipped), different ones are refused with what differs, unless the caller starts over.
+checksums hold are skipped), different ones are refused with what differs, unless the caller starts over. The
+batch size may change (it does not change the vectors). The leading ``_`` makes Parquet readers (pyarrow,
+pandas, polars, Spark) skip the file when they read the folder as one dataset.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from st_npu.errors import InvalidValueError
 from st_npu.loading.fingerprint import identity_differences
 from st_npu.files.outputs import atomic_file
 
-FORMAT = "st-npu-corpus/1"
-NAME = "manifest.json"
+FORMAT = "st-npu-corpus/2"
+NAME = "_manifest.json"
+# Settings that do not change the output, so a resumed job may use other values.
+MAY_CHANGE = ("model", "batch_size")
 
 
 def load(folder: Path) -> dict[str, Any] | None:
@@ -41,7 +45,7 @@ def differences(saved: dict[str, Any], job: dict[str, Any]) -> list[str]:
     """What differs between a manifest's job and this one, in words; empty when they may share an output folder."""
     found = [f"model files: {item}" for item in identity_differences(saved["model_identity"], job["model_identity"])]
     for key, value in job["settings"].items():
-        if key != "model" and saved["settings"].get(key) != value:
+        if key not in MAY_CHANGE and saved["settings"].get(key) != value:
             found.append(f"{key}: {saved['settings'].get(key)!r} there, {value!r} now")
     before = {entry["path"]: entry["sha256"] for entry in saved["input"]}
     now = {entry["path"]: entry["sha256"] for entry in job["input"]}

@@ -1,32 +1,38 @@
-"""The Ray engine, for more than one machine: Ray Data schedules one model actor per NPU of the cluster.
+"""The Ray engine, for more than one machine: one streaming Ray Data job with one pool of model actors.
 
-Ray detects Ascend NPUs as the resource ``"NPU"`` and sets ``ASCEND_RT_VISIBLE_DEVICES`` for each actor, so an
-actor's NPU is ``npu:0``. :func:`embed_dataset` is the building block for pipelines already on Ray: it takes and
-returns a ``ray.data.Dataset`` (``map_batches`` with an actor pool of :class:`Embedder`). ``st-npu embed-corpus
---engine ray`` feeds it the same shards as the local engine, a window at a time (host memory stays bounded),
-and writes the same Parquet shards and manifest from the driver. Ray restarts an actor that dies and retries
-its batches, so a lost actor costs time, not rows.
+The driver never reads a text or a vector. It counts each input file's rows in Ray tasks (Parquet metadata, the
+lines of a text file, a CSV parse), cuts the same shards as the local engine from those counts, and hands Ray
+Data a dataset of shard plans. One actor pool, alive for the whole job (``ActorPoolStrategy(min_size,
+max_size)``, ``resources={"NPU": 1}`` each), takes them: each actor loads and warms its model once, then per
+shard reads its rows from the input, embeds them and writes the Parquet shard straight to the output folder
+(which every node must see: shared storage). The driver gets back each shard's record (row range, count,
+checksum) and writes the manifest, as the local engine does. Ray detects Ascend NPUs as the resource ``"NPU"``
+and sets ``ASCEND_RT_VISIBLE_DEVICES`` for each actor, so an actor's NPU is ``npu:0``. Ray restarts an actor that
+dies and retries its shard, so a lost actor or node costs time, not rows; a shard written twice is the same file.
+
+:func:`embed_dataset` is the building block for pipelines already on Ray: it takes and returns a
+``ray.data.Dataset`` (``map_batches`` with an actor pool of :class:`Embedder`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from itertools import islice
+import json
+import os
+import pickle
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from st_npu.corpus import encoder as encoders
 from st_npu.corpus.encoder import ModelSettings, ShardEncoder
-from st_npu.corpus.reader import Shard, pyarrow_modules
-from st_npu.corpus.workers import Done
-from st_npu.corpus.shards import write_shard
+from st_npu.corpus.reader import Fields, MissingExtra, ShardPlan, count_file, plan_shards, read_shard
+from st_npu.corpus.shards import CALIBRATION_ROWS, RANGED, ShardFormat, ShardRecord, ranges_of, shard_holds
+from st_npu.corpus.workers import Done, embed_shard
+from st_npu.files.inputs import InputError
 
 RAY_HINT = 'the Ray engine needs Ray Data: pip install "st-npu[ray]"'
-ROW = "_st_npu_row"
-# Shards handed to Ray per actor and window: enough to keep each actor busy, few enough to bound the driver's memory.
-SHARDS_PER_ACTOR = 4
 
 
 def import_ray() -> Any:
@@ -34,7 +40,7 @@ def import_ray() -> Any:
         import ray
         import ray.data
     except ImportError:
-        raise ImportError(RAY_HINT) from None
+        raise MissingExtra(RAY_HINT) from None
     return ray
 
 
@@ -64,47 +70,101 @@ def embed_dataset(dataset: Any, settings: ModelSettings, *, text_column: str = "
         num_cpus=cpus_per_actor, resources={"NPU": npus_per_actor} if npus_per_actor else None)
 
 
-def run_ray(address: str | None, actors: int | None, settings: ModelSettings, shards: Iterator[Shard], folder: Path,
-            output_dtype: str, on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None]) -> None:
-    """Embed ``shards`` on a Ray cluster (``address``; None starts a local Ray) and write them as the local engine."""
+class ShardWriter:
+    """The callable class of the job's actor pool: reads, embeds and writes whole shards, returns their records."""
+
+    def __init__(self, settings: ModelSettings, fields: Fields, skip_empty: bool, skip_bad_rows: bool, folder: str,
+                 form: ShardFormat) -> None:
+        import ray
+
+        self.encoder = ShardEncoder(settings, None)
+        self.fields, self.skip_empty, self.skip_bad_rows = fields, skip_empty, skip_bad_rows
+        self.folder, self.form = Path(folder), form
+        context = ray.get_runtime_context()
+        self.where = {"actor": context.get_actor_id(), "node": context.get_node_id(), "host": socket.gethostname(),
+                      "pid": os.getpid()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = []
+        for plan, saved in zip(batch["plan"], batch["saved"]):
+            plan: ShardPlan = pickle.loads(plan)
+            try:
+                shard = read_shard(plan, self.fields, self.skip_empty, self.skip_bad_rows)
+            except InputError as exc:  # the driver raises it as the local engine would, without Ray's traceback
+                results.append(json.dumps({"index": plan.index, "input_error": str(exc)}))
+                continue
+            result = {"index": plan.index, "rows": plan.end - plan.start, "empty_skipped": shard.empty_skipped,
+                      "rejects": [(reject.row, reject.where, reject.reason) for reject in shard.rejects],
+                      "model": self.encoder.describe(), "loads": encoders.loads, **self.where}
+            saved = json.loads(saved)
+            if saved is not None and shard_holds(self.folder, saved):
+                result["skipped"] = True
+            else:
+                done = embed_shard(self.encoder, shard, self.folder, self.form)
+                result.update(record=done.record.to_json(), device=done.device, seconds=done.seconds,
+                              threads=done.threads)
+            results.append(json.dumps(result))
+        return {"result": np.array(results, dtype=object)}
+
+
+def run_ray(address: str | None, actors: int | None, run: Any) -> None:
+    """Embed the shards of ``run`` (a job's run, :mod:`st_npu.corpus.job`) on a Ray cluster (``address``; None
+    starts a local Ray of this machine)."""
     ray = import_ray()
-    pyarrow = pyarrow_modules()[0]
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    if started_here:  # "local": a Ray already running on this machine is not joined unless asked for
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
     try:
         npus = int(ray.cluster_resources().get("NPU", 0))
         actors = actors or max(npus, 1)
-        description = ShardEncoder(settings, "cpu").describe()  # the manifest's model description, as locally
-        on_ready(description)
-        while window := list(islice(shards, actors * SHARDS_PER_ACTOR)):
-            started = time.perf_counter()
-            tables = [_shard_table(pyarrow, shard) for shard in window]
-            dataset = embed_dataset(ray.data.from_arrow(tables), settings, actors=actors,
-                                    npus_per_actor=1 if npus else 0, cpus_per_actor=_cpus_per_actor(ray, actors))
-            rows = _collect(dataset)
-            seconds = (time.perf_counter() - started) / len(window)
-            for shard in window:
-                vectors = np.stack([rows[row] for row in shard.rows]) if shard.rows else \
-                    np.zeros((0, description["dimension"]), np.float32)
-                record = write_shard(folder, shard.index, shard.start, shard.end, shard.ids, vectors, shard.keep,
-                                     output_dtype)
-                on_done(Done(record, f"ray ({actors} actors)", seconds, None))
+        options = {"num_cpus": _cpus_per_actor(ray, actors), "resources": {"NPU": 1} if npus else None}
+        shard_size = run.state["settings"]["shard_size"]
+        count = ray.remote(count_file).options(num_cpus=options["num_cpus"])
+        counts = ray.get([count.remote(str(path.resolve()), run.fields) for path in run.files])
+        run.bar.total = sum(file.rows for file in counts)
+        if run.output_dtype in RANGED and run.state["ranges"] is None:
+            plan = plan_shards(counts, CALIBRATION_ROWS)[0]
+            calibrate = ray.remote(_calibrate).options(**options)
+            description, ranges = ray.get(calibrate.remote(run.settings, run.fields, plan))
+            run.ready(description)
+            run.set_ranges(ranges)
+        saved = run.state["shards"]
+        plans = [{"plan": pickle.dumps(plan), "saved": json.dumps(saved.get(f"{plan.index:05d}"))}
+                 for plan in plan_shards(counts, shard_size)]
+        dataset = ray.data.from_items(plans, override_num_blocks=len(plans)).map_batches(
+            ShardWriter, fn_constructor_args=(run.settings, run.fields, run.skip_empty, run.skip_bad_rows,
+                                              str(run.folder.resolve()), run.shard_format),
+            compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors), batch_size=1, batch_format="numpy",
+            **options)
+        for row in dataset.iter_rows():
+            _record(run, json.loads(row["result"]))
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _shard_table(pyarrow: Any, shard: Shard) -> Any:
-    return pyarrow.table({ROW: pyarrow.array(shard.rows, pyarrow.int64()), "text": pyarrow.array(shard.texts,
-                                                                                                 pyarrow.string())})
+def _calibrate(settings: ModelSettings, fields: Fields, plan: ShardPlan) -> tuple[dict[str, Any], list]:
+    encoder = ShardEncoder(settings, None)
+    texts = read_shard(plan, fields, skip_empty=True, skip_bad_rows=True).texts
+    return encoder.describe(), ranges_of(encoder.encode(texts))
 
 
-def _collect(dataset: Any) -> dict[int, np.ndarray]:
-    rows: dict[int, np.ndarray] = {}
-    for batch in dataset.select_columns([ROW, "embedding"]).iter_batches(batch_format="numpy"):
-        rows.update(zip(batch[ROW].tolist(), batch["embedding"]))
-    return rows
+def _record(run: Any, result: dict[str, Any]) -> None:
+    if "input_error" in result:
+        raise InputError(result["input_error"])
+    if run.state.get("model") != result["model"]:
+        run.ready(result["model"])
+    run.read(result["rows"], result["empty_skipped"], result["rejects"])
+    actor = run.actors.setdefault(result["actor"], {"node": result["node"], "host": result["host"],
+                                                    "pid": result["pid"], "shards": 0})
+    actor["model_loads"] = result["loads"]
+    if result.get("skipped"):
+        run.skipped(result["rows"])
+        return
+    actor["shards"] += 1
+    done = Done(ShardRecord(**result["record"]), f"ray {result['device']} of {result['host']}:{result['pid']}",
+                result["seconds"], None, result["threads"])
+    run.done(done, rows_reported=False)
 
 
 def _cpus_per_actor(ray: Any, actors: int) -> float:

@@ -6,6 +6,11 @@ Row i of the input (counted over all its files, from 0) is row i everywhere: a b
 ``(k + 1) * shard_size`` of the input, so a rerun cuts the same shards whatever was done before. A bad row raises
 :class:`InputError` naming the file, the line or row, and the problem; with ``on_bad_row="skip"`` it is handed
 to the caller as a :class:`Reject` instead.
+
+The local engine streams every shard in order (:func:`shards`). The Ray engine reads each shard where it is
+embedded (:func:`read_shard`), from a :class:`ShardPlan` cut from the files' row counts (:func:`count_file`,
+with the byte offset of every ``CHECKPOINT_ROWS``-th line of a text file, so a shard is read without
+re-reading the file before it).
 """
 
 from __future__ import annotations
@@ -14,17 +19,24 @@ import glob
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from st_npu.errors import UsageError
 from st_npu.loading.fingerprint import sha256_file
-from st_npu.files.inputs import InputError, decode, display_name, field_text, is_jsonl, json_record, lines
+from st_npu.files.inputs import InputError, Line, decode, display_name, field_text, is_jsonl, json_record, lines
 
 LINE_SUFFIXES = (".txt", ".jsonl", ".ndjson")
 COLUMN_SUFFIXES = (".parquet", ".csv", ".tsv")
 SUFFIXES = LINE_SUFFIXES + COLUMN_SUFFIXES
 ARROW_BATCH_ROWS = 8192
-PYARROW_HINT = 'reading .parquet, .csv and .tsv files and writing shards needs pyarrow: pip install "st-npu[corpus]"'
+PYARROW_HINT = 'st-npu embed-corpus reads and writes Parquet through pyarrow: pip install "st-npu[corpus]"'
+CHECKPOINT_ROWS = 4096
+
+
+class MissingExtra(UsageError, ImportError):
+    """An optional dependency is missing; the message names the extra that installs it."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,7 @@ def pyarrow_modules() -> tuple[Any, Any, Any]:
         import pyarrow.csv
         import pyarrow.parquet
     except ImportError:
-        raise ImportError(PYARROW_HINT) from None
+        raise MissingExtra(PYARROW_HINT) from None
     return pyarrow, pyarrow.parquet, pyarrow.csv
 
 
@@ -124,37 +136,124 @@ def row_count(files: Sequence[Path]) -> int | None:
 
 
 def shards(files: Sequence[Path], fields: Fields, shard_size: int, skip_empty: bool = False,
-           skip_bad_rows: bool = False) -> Iterator[Shard]:
-    """The input's shards in order; an input without a single row is an error."""
+           skip_bad_rows: bool = False, unique_ids: bool = True) -> Iterator[Shard]:
+    """The input's shards in order; an input without a single row is an error, and so is an id given twice
+    (by ``fields.id``) unless ``unique_ids`` is false."""
     shard = Shard(0, 0, shard_size)
+    first_row: dict[Any, int] | None = {} if fields.id is not None and unique_ids else None
     seen = 0
     for row, record in enumerate(_records(files, fields)):
         seen = row + 1
         if row >= shard.end:
             yield shard
             shard = Shard(shard.index + 1, shard.end, shard.end + shard_size)
-        if isinstance(record, Reject):
-            if not skip_bad_rows:
-                raise InputError(record.message)
-            shard.rejects.append(record)
-            continue
-        text, identity, kept = record
-        if skip_empty and not text.strip():
-            shard.empty_skipped += 1
-            continue
-        shard.rows.append(row)
-        shard.ids.append(row if fields.id is None else identity)
-        shard.texts.append(text)
-        for name in fields.keep:
-            shard.keep.setdefault(name, []).append(kept[name])
+        if _add(shard, row, record, fields, skip_empty, skip_bad_rows) and first_row is not None:
+            identity = shard.ids[-1]
+            first = first_row.setdefault(identity, row)
+            if first != row:
+                raise InputError(f"{record[3]}: id {identity!r} is also the id of row {first} (rows count from 0 "
+                                 f"over the whole input; this is row {row}); ids must be unique, or pass "
+                                 f"--on-duplicate-id keep")
     if not seen:
         raise InputError(f"{', '.join(map(str, files))}: the input is empty (no rows)")
     shard.end = seen
     yield shard
 
 
-# Each record is (text, id, kept columns) or a Reject; the row number is its position in this stream.
-Record = tuple[str, Any, dict[str, Any]] | Reject
+def _add(shard: Shard, row: int, record: Record, fields: Fields, skip_empty: bool, skip_bad_rows: bool) -> bool:
+    """Put one record into its shard; whether it is embedded (not a reject, not a skipped blank)."""
+    if isinstance(record, Reject):
+        if not skip_bad_rows:
+            raise InputError(record.message)
+        shard.rejects.append(record)
+        return False
+    text, identity, kept, _ = record
+    if skip_empty and not text.strip():
+        shard.empty_skipped += 1
+        return False
+    shard.rows.append(row)
+    shard.ids.append(row if fields.id is None else identity)
+    shard.texts.append(text)
+    for name in fields.keep:
+        shard.keep.setdefault(name, []).append(kept[name])
+    return True
+
+
+@dataclass(frozen=True)
+class FileRows:
+    """A file's row count, and for a text file the byte offset of lines 0, CHECKPOINT_ROWS, 2 * CHECKPOINT_ROWS..."""
+
+    path: str
+    rows: int
+    checkpoints: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where shard ``index`` (input rows ``start`` to ``end``) lies: per file, its path, its first input row, the
+    file's rows ``(first, last)`` the shard takes, and where to start reading (the byte offset of a text file's
+    checkpoint line at or before ``first``, and that line's number from 0; zeros for other files)."""
+
+    index: int
+    start: int
+    end: int
+    parts: tuple[tuple[str, int, int, int, tuple[int, int]], ...]
+
+
+def count_file(path: str, fields: Fields) -> FileRows:
+    """One file's rows: Parquet metadata, newlines of a text file (noting checkpoints), or a CSV parse."""
+    suffix = Path(path).suffix.lower()
+    if suffix in LINE_SUFFIXES:
+        checkpoints, rows, offset = [], 0, 0
+        with open(path, "rb") as handle:
+            for line in handle:
+                if rows % CHECKPOINT_ROWS == 0:
+                    checkpoints.append(offset)
+                rows, offset = rows + 1, offset + len(line)
+        return FileRows(path, rows, tuple(checkpoints))
+    if suffix == ".parquet":
+        return FileRows(path, pyarrow_modules()[1].ParquetFile(path).metadata.num_rows)
+    return FileRows(path, sum(batch.num_rows for batch in _arrow_batches(Path(path), Fields(fields.text))))
+
+
+def plan_shards(counts: Sequence[FileRows], shard_size: int) -> list[ShardPlan]:
+    """Every shard of the input, cut from its files' row counts as :func:`shards` cuts the stream."""
+    total = sum(count.rows for count in counts)
+    if not total:
+        raise InputError(f"{', '.join(count.path for count in counts)}: the input is empty (no rows)")
+    firsts = [sum(count.rows for count in counts[:position]) for position in range(len(counts))]
+    plans = []
+    for index, start in enumerate(range(0, total, shard_size)):
+        end = min(start + shard_size, total)
+        parts = tuple(_part(count, first, max(start - first, 0), min(end - first, count.rows))
+                      for count, first in zip(counts, firsts) if first < end and first + count.rows > start)
+        plans.append(ShardPlan(index, start, end, parts))
+    return plans
+
+
+def _part(count: FileRows, first_row: int, first: int, last: int) -> tuple[str, int, int, int, tuple[int, int]]:
+    if not count.checkpoints:
+        return count.path, first_row, first, last, (0, 0)
+    checkpoint = min(first // CHECKPOINT_ROWS, len(count.checkpoints) - 1)
+    return count.path, first_row, first, last, (count.checkpoints[checkpoint], checkpoint * CHECKPOINT_ROWS)
+
+
+def read_shard(plan: ShardPlan, fields: Fields, skip_empty: bool = False, skip_bad_rows: bool = False) -> Shard:
+    """The rows of one planned shard, as :func:`shards` would give them."""
+    shard = Shard(plan.index, plan.start, plan.end)
+    for name, first_row, first, last, seek in plan.parts:
+        path = Path(name)
+        if path.suffix.lower() in LINE_SUFFIXES:
+            records, skip = _line_records(path, fields, first_row, start=seek), first - seek[1]
+        else:
+            records, skip = _column_records(path, fields, first_row, first), first - _skipped_rows(path, first)
+        for offset, record in enumerate(islice(records, skip, skip + last - first)):
+            _add(shard, first_row + first + offset, record, fields, skip_empty, skip_bad_rows)
+    return shard
+
+
+# Each record is (text, id, kept columns, where) or a Reject; the row number is its position in this stream.
+Record = tuple[str, Any, dict[str, Any], str] | Reject
 
 
 def _records(files: Sequence[Path], fields: Fields) -> Iterator[Record]:
@@ -167,23 +266,36 @@ def _records(files: Sequence[Path], fields: Fields) -> Iterator[Record]:
             yield record
 
 
-def _line_records(path: Path, fields: Fields, first_row: int) -> Iterator[Record]:
+def _line_records(path: Path, fields: Fields, first_row: int, start: tuple[int, int] = (0, 0)) -> Iterator[Record]:
+    """The records of a text file, from ``start``: a byte offset where a line begins and the lines before it."""
     jsonl = is_jsonl(path)
     if not jsonl and (fields.id or fields.keep):
         raise InputError(f"{path}: a .txt file has no fields; --id-field and --keep need .jsonl, .parquet or .csv")
-    for line in lines(path):
+    for line in _lines(path, *start):
         where = f"{display_name(path)}: line {line.number}"
         try:
             if not jsonl:
-                yield decode(line, path), None, {}
+                yield decode(line, path), None, {}, where
                 continue
             record = json_record(line, path)
             identity = _identity(record, fields.id, where) if fields.id else None
-            yield field_text(record, fields.text, where), identity, {name: record.get(name) for name in fields.keep}
+            yield (field_text(record, fields.text, where), identity, {name: record.get(name) for name in fields.keep},
+                   where)
         except InputError as exc:
             # The messages of st_npu.files.inputs start with the file and line; a reject keeps them apart.
             reason = str(exc).removeprefix(where).removeprefix(":").strip()
             yield Reject(first_row + line.number - 1, where, reason)
+
+
+def _lines(path: Path, offset: int, before: int) -> Iterator[Line]:
+    if not offset:
+        yield from lines(path)
+        return
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        for number, raw in enumerate(handle, start=before + 1):
+            yield Line(number, raw.rstrip(b"\n").removesuffix(b"\r"), offset)
+            offset += len(raw)
 
 
 def _identity(record: dict[str, Any], field_name: str, where: str) -> Any:
@@ -193,9 +305,11 @@ def _identity(record: dict[str, Any], field_name: str, where: str) -> Any:
     return value
 
 
-def _column_records(path: Path, fields: Fields, first_row: int) -> Iterator[Record]:
-    number = 0
-    for batch in _arrow_batches(path, fields):
+def _column_records(path: Path, fields: Fields, first_row: int, start: int = 0) -> Iterator[Record]:
+    """The records of a Parquet or CSV file from about row ``start``: whole Parquet row groups before it are not
+    read; the first record's row is ``first_row`` plus the rows passed over (see :func:`_skipped_rows`)."""
+    number = _skipped_rows(path, start)
+    for batch in _arrow_batches(path, fields, number):
         columns = {name: batch.column(name).to_pylist() for name in fields.needed()}
         for offset in range(batch.num_rows):
             number += 1
@@ -209,17 +323,35 @@ def _column_records(path: Path, fields: Fields, first_row: int) -> Iterator[Reco
                 yield Reject(first_row + number - 1, where,
                              f"id column {fields.id!r} is {identity!r:.40}, expected a string or an integer")
                 continue
-            yield text, identity, {name: columns[name][offset] for name in fields.keep}
+            yield text, identity, {name: columns[name][offset] for name in fields.keep}, where
 
 
-def _arrow_batches(path: Path, fields: Fields) -> Iterator[Any]:
+def _skipped_rows(path: Path, start: int) -> int:
+    """Rows of the Parquet row groups that end before row ``start`` (a CSV file is read from its first row)."""
+    if not start or path.suffix.lower() != ".parquet":
+        return 0
+    metadata, skipped = pyarrow_modules()[1].ParquetFile(path).metadata, 0
+    for group in range(metadata.num_row_groups):
+        rows = metadata.row_group(group).num_rows
+        if skipped + rows > start:
+            break
+        skipped += rows
+    return skipped
+
+
+def _arrow_batches(path: Path, fields: Fields, skipped: int = 0) -> Iterator[Any]:
     pyarrow, parquet, csv = pyarrow_modules()
     needed = fields.needed()
     try:
         if path.suffix.lower() == ".parquet":
             handle = parquet.ParquetFile(path)
             _check_columns(path, needed, handle.schema_arrow.names)
-            yield from handle.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=needed)
+            groups, rows = [], 0
+            for group in range(handle.metadata.num_row_groups):
+                if rows >= skipped:
+                    groups.append(group)
+                rows += handle.metadata.row_group(group).num_rows
+            yield from handle.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=needed, row_groups=groups)
             return
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         header = csv.open_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter))

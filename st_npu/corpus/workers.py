@@ -5,12 +5,15 @@ at most one shard per worker is in flight (host memory stays bounded). The paren
 holds: a worker that dies (killed, out of memory, a crash in the device runtime) has its shard handed to another,
 and the job fails with :class:`~st_npu.runtime.pools.WorkerDiedError` only when no worker is left. Workers ignore
 Ctrl-C (the parent stops them) and exit by themselves when the parent is gone (e.g. SIGKILLed).
-With a single device the shards are embedded in this process, through the same :func:`embed_shard`.
+With a single device the shards are embedded in this process, through the same :func:`embed_shard`. Each worker
+runs torch on its share of this host's cores (unless ``OMP_NUM_THREADS`` says otherwise): workers that each
+start one thread per core slow every one of them down.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import signal
 import sys
@@ -22,28 +25,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from st_npu.corpus.encoder import ModelSettings, ShardEncoder
+from st_npu.corpus.encoder import ModelSettings, ShardEncoder, worker_threads
 from st_npu.corpus.reader import Shard
-from st_npu.corpus.shards import ShardRecord, write_shard
+from st_npu.corpus.shards import ShardFormat, ShardRecord, write_shard
 from st_npu.runtime import emulation
 from st_npu.runtime.pools import POLL_S, WorkerDiedError, emulated_device_count, load_npu_in_worker
 
 
 @dataclass(frozen=True)
 class Done:
-    """A finished shard, where and how fast it was embedded, and its device's operator count (emulator only)."""
+    """A finished shard, where and how fast it was embedded, its device's operator count (emulator only), and the
+    torch threads of the process that embedded it."""
 
     record: ShardRecord
     device: str
     seconds: float
     ops: int | None
+    threads: int | None = None
 
 
-def embed_shard(encoder: ShardEncoder, shard: Shard, folder: Path, output_dtype: str) -> Done:
+def embed_shard(encoder: ShardEncoder, shard: Shard, folder: Path, form: ShardFormat,
+                on_rows: Callable[[int], None] | None = None) -> Done:
+    import torch
+
     started = time.perf_counter()
-    vectors = encoder.encode(shard.texts)
-    record = write_shard(folder, shard.index, shard.start, shard.end, shard.ids, vectors, shard.keep, output_dtype)
-    return Done(record, encoder.device, time.perf_counter() - started, device_ops(encoder.device))
+    vectors = encoder.encode(shard.texts, on_rows)
+    record = write_shard(folder, shard.index, shard.start, shard.end, shard.ids, vectors, shard.keep, form)
+    return Done(record, encoder.device, time.perf_counter() - started, device_ops(encoder.device),
+                torch.get_num_threads())
 
 
 def device_ops(device: str) -> int | None:
@@ -52,29 +61,30 @@ def device_ops(device: str) -> int | None:
     return None if counted is None else counted.ops
 
 
-def run_here(device: str | None, settings: ModelSettings, shards: Iterator[Shard], folder: Path, output_dtype: str,
-             on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None]) -> None:
-    encoder = ShardEncoder(settings, device)
+def run_here(encoder: ShardEncoder, shards: Iterator[Shard], folder: Path, form: ShardFormat,
+             on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None],
+             on_rows: Callable[[int], None]) -> None:
     on_ready(encoder.describe())
     for shard in shards:
-        on_done(embed_shard(encoder, shard, folder, output_dtype))
+        on_done(embed_shard(encoder, shard, folder, form, on_rows))
 
 
 def run_processes(devices: list[str], settings: ModelSettings, shards: Iterator[Shard], folder: Path,
-                  output_dtype: str, on_ready: Callable[[dict[str, Any]], None],
-                  on_done: Callable[[Done], None]) -> None:
+                  form: ShardFormat, on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None],
+                  on_rows: Callable[[int], None]) -> None:
     context = multiprocessing.get_context("spawn")  # NPU runtimes cannot be re-initialised in a forked child
     results = context.Queue()
     emulated = emulated_device_count()
+    threads = None if os.environ.get("OMP_NUM_THREADS") else worker_threads(len(devices))
     workers = []
     for slot, device in enumerate(devices):
         inbox = context.Queue()
         process = context.Process(target=_worker_main, name=f"st-npu-corpus-{device}", daemon=True,
-                                  args=(slot, device, emulated, settings, folder, output_dtype, inbox, results))
+                                  args=(slot, device, emulated, threads, settings, folder, form, inbox, results))
         process.start()
         workers.append(_Worker(slot, device, process, inbox))
     try:
-        _dispatch(workers, results, shards, on_ready, on_done)
+        _dispatch(workers, results, shards, on_ready, on_done, on_rows)
     finally:
         _stop(workers)
 
@@ -88,10 +98,12 @@ class _Worker:
     ready: bool = False
     shard: Shard | None = None
     gone: bool = False
+    rows: int = 0  # rows of its shard embedded so far, as reported
 
 
 def _dispatch(workers: list[_Worker], results: Any, shards: Iterator[Shard],
-              on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None]) -> None:
+              on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None],
+              on_rows: Callable[[int], None]) -> None:
     redo: deque[Shard] = deque()
     exhausted = False
     described = False
@@ -108,7 +120,7 @@ def _dispatch(workers: list[_Worker], results: Any, shards: Iterator[Shard],
         try:
             kind, slot, payload = results.get(timeout=POLL_S)
         except queue.Empty:
-            _reclaim_dead(workers, redo)
+            _reclaim_dead(workers, redo, on_rows)
             continue
         worker = workers[slot]
         if kind == "failed":
@@ -118,12 +130,15 @@ def _dispatch(workers: list[_Worker], results: Any, shards: Iterator[Shard],
             if not described:
                 on_ready(payload)
                 described = True
+        elif kind == "rows":
+            worker.rows += payload
+            on_rows(payload)
         else:
-            worker.shard = None
+            worker.shard, worker.rows = None, 0
             on_done(payload)
 
 
-def _reclaim_dead(workers: list[_Worker], redo: deque[Shard]) -> None:
+def _reclaim_dead(workers: list[_Worker], redo: deque[Shard], on_rows: Callable[[int], None]) -> None:
     for worker in workers:
         if worker.gone or worker.process.is_alive():
             continue
@@ -134,7 +149,8 @@ def _reclaim_dead(workers: list[_Worker], redo: deque[Shard]) -> None:
             print(f"st-npu embed-corpus: the worker on {worker.device} died ({how}); its shard "
                   f"{worker.shard.index} goes to another worker", file=sys.stderr)
             redo.appendleft(worker.shard)
-            worker.shard = None
+            on_rows(-worker.rows)  # another worker embeds them again
+            worker.shard, worker.rows = None, 0
     if all(worker.gone for worker in workers):
         raise WorkerDiedError(f"every corpus worker died ({', '.join(w.device for w in workers)}); finished "
                               f"shards are kept: rerun the same command to resume")
@@ -153,10 +169,14 @@ def _stop(workers: list[_Worker]) -> None:
         worker.inbox.cancel_join_thread()
 
 
-def _worker_main(slot: int, device: str, emulated: int | None, settings: ModelSettings, folder: Path,
-                 output_dtype: str, inbox: Any, results: Any) -> None:
+def _worker_main(slot: int, device: str, emulated: int | None, threads: int | None, settings: ModelSettings,
+                 folder: Path, form: ShardFormat, inbox: Any, results: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         if device.startswith("npu"):
             load_npu_in_worker(device, emulated)
         encoder = ShardEncoder(settings, device)
@@ -171,6 +191,7 @@ def _worker_main(slot: int, device: str, emulated: int | None, settings: ModelSe
                 continue
             if shard is None:
                 return
-            results.put(("done", slot, embed_shard(encoder, shard, folder, output_dtype)))
+            done = embed_shard(encoder, shard, folder, form, lambda rows: results.put(("rows", slot, rows)))
+            results.put(("done", slot, done))
     except Exception:
         results.put(("failed", slot, traceback.format_exc(limit=8)))

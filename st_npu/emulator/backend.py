@@ -2,30 +2,33 @@
 
 ``install(devices=8)`` renames PyTorch's PrivateUse1 backend to ``npu``, registers a ``torch.npu`` module and a
 fake ``torch_npu`` module (``__emulated__ = True``), and runs every operator on an ``npu:N`` tensor by running the
-same operator on the CPU data the tensor wraps, so each operator's result is identical to the CPU's. Memory is
-counted per device as the bytes of live storages created there; the current device is per thread, as in torch_npu.
+same CPU kernel on the host memory behind it, so each operator's result is identical to the CPU's. An npu tensor is
+a plain ``torch.Tensor``, as torch_npu's are: its storage is on ``npu:N`` and has a real pointer (into host memory),
+and a tensor made in inference mode is an inference tensor. Memory is counted per device as the bytes of live
+storages created there; the current device is per thread, as in torch_npu.
 
 What it proves: device plumbing (tensors land on, stay on and move between the right ``npu:N``; mixing devices in
 one operator raises, as on a real accelerator), shapes and dtypes, host<->device transfers, how many operators a
 workload compiles, memory accounting and out-of-memory handling, and that stock sentence-transformers and
 transformers take their NPU branches (``torch_npu`` importable, ``torch.npu.is_available()``).
 What it does not prove: anything about Ascend kernels -- which operators exist on the chip, their numerics
-(fp16/bf16 accumulation, fused kernels), or speed. Operators dispatch per device type, so a few composites take
-another path than on the CPU (scaled_dot_product_attention takes the math path), and whole models agree with the
-CPU to ~1e-7 rather than bit for bit. Known gaps, all from PyTorch's Python device guard (it reports one device to
-the autograd engine and ignores device switches): backward passes run on ``npu:0`` only; ``set_device`` and
-``torch.npu.device`` steer where factory functions put a bare ``"npu"``, but ``Tensor.to("npu")`` always picks
-``npu:0``; ``Tensor.new(...)`` lands on the current device, not its tensor's. An npu tensor is never an inference
-tensor (its wrapper is made outside inference mode), so an in-place update outside inference mode of one made
-inside, which real devices refuse, passes here.
+(fp16/bf16 accumulation, fused kernels), or speed. In inference mode SDPA reaches the device whole and counts as one
+launch where torch_npu would send it to its fused kernel, and as its math steps elsewhere (``sdpa_unfused``).
+Known gaps, all from PyTorch's Python device guard (it reports npu:0 to the C++ side and ignores device switches):
+backward passes run on ``npu:0`` only; ``set_device`` and ``torch.npu.device`` steer where factory functions put a
+bare ``"npu"``, but ``Tensor.to("npu")`` always picks ``npu:0``; ``Tensor.new(...)`` lands on the current device,
+not its tensor's. Python cannot register a device allocator either, so a few torch entry points are adapted at
+install, for every tensor of the process: ``Tensor.new_tensor`` names its npu tensor's device, ``UntypedStorage(...,
+device="npu:N")`` (deepcopy, torch.load) allocates on the host and moves there, and ``ForkingPickler`` (a
+torch.multiprocessing queue) sends an npu tensor through shared host memory to the same ``npu:N``.
 
 Compilation model: on Ascend the first launch of an operator with a new (operator, input shapes, dtypes)
 signature compiles it. The emulator counts one compile per new signature per device (each device has its own
 cache) and sleeps ``compile_delay_s`` for it. Operators that launch no AI Core kernel are not counted: views and
 other metadata-only operators (those whose schema returns an alias of an input: view, reshape as a view, slice,
 select, as_strided, expand, permute, transpose, t, unsqueeze, squeeze, detach, alias, ... plus ``_unsafe_view``),
-allocation (``empty``, ``empty_strided``), and copies between two devices (``_to_copy``/``copy_`` host<->device
-or npu:i<->npu:j, and ``.item()``). Every operator, counted or not, adds one to ``ops``.
+allocation (``empty``, ``empty_strided``), ``set_``, and copies between two devices (``_to_copy``/``copy_``
+host<->device or npu:i<->npu:j, and ``.item()``). Every operator, counted or not, adds one to ``ops``.
 
 Registering a backend cannot be undone within a process: once installed, ``npu`` stays until the process exits
 and its device count is fixed; a later ``install`` may change only the chip, compile delay and memory limit.
@@ -33,9 +36,11 @@ and its device count is fixed; a later ``install`` may change only the chip, com
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.machinery
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -44,9 +49,11 @@ import types
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
+from torch.multiprocessing import reductions
 from torch.utils import _pytree as pytree
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
@@ -56,6 +63,9 @@ DEFAULT_TOTAL_MEMORY = 64 * 2**30
 # Allocation only reserves memory, and _unsafe_view is a view whose schema does not say so.
 _NO_KERNEL_OPS = frozenset({"aten::empty.memory_format", "aten::empty_strided", "aten::_unsafe_view"})
 _COPY_OPS = frozenset({"aten::_to_copy", "aten::copy_"})
+# Operators that point a tensor at other memory: metadata only.
+_SET_OPS = frozenset({"aten::set_.source_Storage", "aten::set_.source_Storage_storage_offset",
+                      "aten::set_.source_Tensor", "aten::set_.source_Tensor_storage_offset"})
 # Like CUDA, torch_npu accepts CPU index tensors when indexing a device tensor.
 _CPU_OPERAND_OPS = frozenset({"aten::index.Tensor", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
 
@@ -102,80 +112,68 @@ _emulator: _Emulator | None = None
 _libraries: list[torch.library.Library] = []  # registrations last only while their Library is referenced
 
 
-class _NpuTensor(torch.Tensor):
-    """A tensor whose device is ``npu:N`` and whose data is the CPU tensor ``_cpu``."""
+# --- npu tensors ---------------------------------------------------------------------------------------------
+# An npu tensor is a plain torch.Tensor, as torch_npu's are: its storage's device is npu:N and its memory is host
+# memory that a CPU tensor owns. PyTorch lets Python register no allocator for PrivateUse1, but it imports DLPack
+# tensors of device type kDLExtDev as PrivateUse1 tensors, keeping the exporter alive until the storage dies; so a
+# CPU tensor exported to DLPack, with its device rewritten to (kDLExtDev, N), comes back as an npu:N tensor that
+# owns it. Operators run on CPU tensors that alias the npu tensors' memory (see _host).
 
-    _cpu: torch.Tensor
+_DL_EXT_DEV = 12  # DLDeviceType kDLExtDev, which torch maps to PrivateUse1
+_HOST = torch.device("cpu")
+# Redispatching to CPU kernels that only rewrite a tensor's metadata (set_, as_strided) works on any device.
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.restype, _capsule_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+# Where DLTensor.device sits in each capsule kind: after the data pointer, behind DLManagedTensorVersioned's header
+# (version, manager_ctx, deleter, flags) in the versioned kind.
+_POINTER = ctypes.sizeof(ctypes.c_void_p)
+_DEVICE_OFFSET = {b"dltensor": _POINTER, b"dltensor_versioned": 8 + 2 * _POINTER + 8 + _POINTER}
 
-    @staticmethod
-    def __new__(cls, cpu: torch.Tensor, index: int) -> _NpuTensor:
-        # Made outside inference mode: an inference tensor cannot take the version counter a view needs.
-        with torch.inference_mode(False):
-            tensor = torch.Tensor._make_wrapper_subclass(
-                cls, cpu.shape, strides=cpu.stride(), storage_offset=cpu.storage_offset(),
-                dtype=cpu.dtype, device=torch.device("npu", index),
-            )
-        tensor._cpu = cpu
-        return tensor
 
-    @property
-    def data(self) -> torch.Tensor:
-        return super().data
+def _is_npu(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "npu"
 
-    @data.setter
-    def data(self, new: torch.Tensor) -> None:
-        # nn.Module._apply moves npu parameters (to another npu, or another dtype) by assigning .data, which copies
-        # the tensor's metadata but not Python attributes, so the CPU data must follow by hand.
-        torch.Tensor.data.__set__(self, new)
-        self._cpu = new._cpu
 
-    def new_tensor(self, data: Any, **kwargs: Any) -> torch.Tensor:
-        # The C++ method puts the result on the device guard's current device, which a Python backend cannot set.
-        if kwargs.get("device") is None:
-            kwargs["device"] = self.device
-        return super().new_tensor(data, **kwargs)
+def _device_tensor(cpu: torch.Tensor, index: int) -> torch.Tensor:
+    """A plain ``npu:index`` tensor over ``cpu``'s storage, which it keeps alive. The npu storage starts where the
+    CPU one does, so that views of ``cpu`` become views of one npu storage."""
+    storage = cpu.untyped_storage()
+    whole = cpu if cpu.storage_offset() == 0 and cpu.is_contiguous() and cpu.nbytes == storage.nbytes() else None
+    if whole is None:
+        whole = torch.empty(0, dtype=cpu.dtype).set_(storage, 0, (storage.nbytes() // cpu.element_size(),), (1,))
+    capsule = torch.utils.dlpack.to_dlpack(whole)
+    name = _capsule_name(capsule)
+    device = (ctypes.c_int32 * 2).from_address(_capsule_pointer(capsule, name) + _DEVICE_OFFSET[name])
+    device[0], device[1] = _DL_EXT_DEV, index
+    tensor = torch.from_dlpack(capsule)
+    return tensor if whole is cpu else _view_of(tensor, cpu)
 
-    @classmethod
-    def __torch_dispatch__(cls, func: torch._ops.OpOverload, _types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        return _run(func, args, kwargs or {})
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
-        # Print as tensor([...], device='npu:0') like any device tensor, not as _NpuTensor([...]).
-        text = super().__repr__(tensor_contents=tensor_contents)
-        extra_indent = len(type(self).__name__) - len("tensor")
-        return "tensor" + text[len(type(self).__name__):].replace("\n" + " " * extra_indent, "\n")
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor over an npu tensor's memory, for running one operator: it does not keep that memory alive."""
+    storage = tensor.untyped_storage()
+    host = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), _HOST, storage.nbytes())
+    return torch.empty(0, dtype=tensor.dtype).set_(host, tensor.storage_offset(), tensor.size(), tensor.stride())
 
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        # Pickle (torch.save) like a real device tensor, from a CPU copy, not as this private class.
-        return torch._utils._rebuild_device_tensor_from_cpu_tensor, (
-            self.cpu(), self.dtype, str(self.device), self.requires_grad)
 
-    # A torch_npu tensor has a device storage with a real pointer, which savers read (safetensors and transformers
-    # tell shared weights apart by storage pointer and size); a wrapper has none. The CPU data's storage stands in:
-    # the same pointer identity and byte count, though its device reads cpu where Ascend's reads npu.
-    def untyped_storage(self) -> torch.UntypedStorage:
-        return self._cpu.untyped_storage()
+def _view_of(base: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An npu view of ``base``'s storage with ``like``'s sizes, strides and offset."""
+    return torch.ops.aten.as_strided.default.redispatch(_CPU_KEYS, base, like.size(), like.stride(),
+                                                        like.storage_offset())
 
-    def data_ptr(self) -> int:
-        return self._cpu.data_ptr()
 
-    def numpy(self, *, force: bool = False) -> Any:
-        # What torch says for any device tensor (torch.Tensor would only say subclasses are unsupported).
-        if force:
-            return self.cpu().numpy()
-        raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the "
-                        f"tensor to host memory first.")
-
-    # torch.Tensor refuses tolist() for subclasses and formats only its own 0-dim tensors as numbers; printing
-    # a tensor needs both.
-    def tolist(self) -> Any:
-        return self.cpu().tolist()
-
-    def __format__(self, format_spec: str) -> str:
-        return self.item().__format__(format_spec) if self.dim() == 0 else super().__format__(format_spec)
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
+def _rebind(tensor: torch.Tensor, host: torch.Tensor) -> None:
+    """Make an npu tensor show what an operator did to the CPU tensor that stood for it (out=, resize_, set_)."""
+    if host.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        storage = tensor.untyped_storage()
+    else:  # the operator gave it new memory, which becomes an npu storage
+        _account(host, tensor.device.index)
+        storage = _device_tensor(host, tensor.device.index).untyped_storage()
+    torch.ops.aten.set_.source_Storage_storage_offset.redispatch(
+        _CPU_KEYS, tensor, storage, host.storage_offset(), host.size(), host.stride())
 
 
 def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: int | None = None,
@@ -194,9 +192,16 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
             _setup_privateuseone_for_python_backend(rename="npu", backend_module=_TorchNpu("torch.npu"))
             _libraries.extend((torch.library.Library("_", "IMPL"), torch.library.Library("aten", "IMPL")))
             _libraries[0].fallback(_fallback, dispatch_key="PrivateUse1")
-            # torch.tensor(..., device="npu") fills the new tensor by copy_ with the Python key excluded, so the
-            # wrapper reaches the PrivateUse1 kernel; PyTorch routes that only to a per-operator registration.
-            _libraries[1].impl("copy_", functools.partial(_fallback, torch.ops.aten.copy_.default), "PrivateUse1")
+            for name in _whole_operators():
+                _libraries[1].impl(name, functools.partial(_fallback, _overload(name)), "PrivateUse1")
+            # SDPA is composite. A device sees it whole (and can pick its fused kernel) with autograd off, in
+            # inference mode; under autograd it is split into the math steps, as before a backend kernel.
+            _libraries[1].impl("scaled_dot_product_attention", functools.partial(_fallback, _SDPA), "PrivateUse1")
+            _libraries[1].impl("scaled_dot_product_attention", _SDPA.decompose, "AutogradPrivateUse1")
+            torch.Tensor.new_tensor = _new_tensor_on_its_device(torch.Tensor.new_tensor)
+            torch.UntypedStorage.__new__ = _npu_storages(torch.UntypedStorage.__new__)
+            for kind in (torch.Tensor, torch.nn.Parameter):
+                ForkingPickler.register(kind, _reduce_across_processes)
             sys.modules["torch_npu"] = _torch_npu_module()
             _emulator = _Emulator([_Device() for _ in range(devices)], chip, compile_delay_s, memory_limit_bytes)
             _visibility["physical"] = physical
@@ -380,27 +385,79 @@ def _npu_fusion_attention(*args: Any, **kwargs: Any) -> Any:
     )
 
 
+def _whole_operators() -> list[str]:
+    """The aten operators with a generic kernel, which PyTorch would run in preference to a backend fallback, splitting
+    them into other operators before they reach the device (layer_norm into its math steps, tanh into an allocation
+    and tanh.out): taken whole, each runs on the CPU as the CPU runs it and counts as one operator."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    generic = ("CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
+    names = [name for name in torch._C._dispatch_get_all_op_names()
+             if name.startswith("aten::") and any(has(name, key) for key in generic)]
+    # Views stay generic: their kernels only describe memory, and detach must come back without a Python object
+    # (nn.Parameter makes its own around it).
+    return [name.removeprefix("aten::") for name in names if not _is_view(_overload(name))]
+
+
+def _overload(name: str) -> torch._ops.OpOverload:
+    packet, _, overload = name.removeprefix("aten::").partition(".")
+    return getattr(getattr(torch.ops.aten, packet), overload or "default")
+
+
+def _new_tensor_on_its_device(new_tensor: Any) -> Any:
+    # torch puts the result on the device guard's current device, having set it to the tensor's; the Python device
+    # guard cannot be set, so an npu tensor names its device itself.
+    @functools.wraps(new_tensor)
+    def wrapper(self: torch.Tensor, data: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("device") is None and self.device.type == "npu":
+            kwargs["device"] = self.device
+        return new_tensor(self, data, **kwargs)
+
+    return wrapper
+
+
+def _npu_storages(new: Any) -> Any:
+    # torch makes a storage on a device (torch.load, deepcopy, Storage.to) with that device's C++ allocator, which
+    # Python cannot register, and crashes without one: an npu storage is made on the host and moved instead.
+    def wrapper(cls: type, *args: Any, device: _DeviceLike | None = None, **kwargs: Any) -> torch.UntypedStorage:
+        if not (isinstance(device, (str, torch.device)) and torch.device(device).type == "npu"):
+            return new(cls, *args, **kwargs) if device is None else new(cls, *args, device=device, **kwargs)
+        host = new(cls, *args, **kwargs)
+        return torch.empty(0, dtype=torch.uint8).set_(host).to(device).untyped_storage()
+
+    return staticmethod(functools.wraps(new)(wrapper))
+
+
+def _reduce_across_processes(tensor: torch.Tensor) -> tuple[Any, ...]:
+    # torch shares a device tensor with another process through its device's IPC, which a Python backend lacks:
+    # an npu tensor travels through shared host memory and lands on the same npu there.
+    if tensor.device.type != "npu":
+        return reductions.reduce_tensor(tensor)
+    return _rebuild_on_npu, (type(tensor), tensor.detach().cpu(), str(tensor.device), tensor.requires_grad)
+
+
+def _rebuild_on_npu(kind: type, host: torch.Tensor, device: str, requires_grad: bool) -> torch.Tensor:
+    tensor = host.to(device)
+    if kind is torch.nn.Parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_(requires_grad)
+
+
 # --- dispatch ----------------------------------------------------------------------------------------------------
 
 
 def _fallback(func: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
-    # Reached by operators with no npu tensor argument, e.g. torch.empty(..., device="npu:2").
     return _run(func, args, kwargs)
 
 
 def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> Any:
-    # Under inference mode composite operators (e.g. to) skip autograd and arrive here whole: break them down as
-    # autograd would have, or running them on the CPU data could alias where the caller expects a copy.
-    _note_sdpa(func.name(), args, kwargs)
-    decomposed = func.decompose(*args, **kwargs)
-    if decomposed is not NotImplemented:
-        return decomposed
+    if func is _SDPA and _unfused_sdpa(args, kwargs):
+        return func.decompose(*args, **kwargs)  # the math path: each of its steps is a launch of its own
     name = func.name()
     tensors = [x for x in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(x, torch.Tensor)]
-    npu_indices = [t.device.index for t in tensors if isinstance(t, _NpuTensor)]
-    target = kwargs.get("device")  # factory operators and _to_copy say where their result goes
+    npu_tensors = [t for t in tensors if _is_npu(t)]
+    target = kwargs.get("device")  # factory operators say where their result goes
     if target is None:
-        out_index = npu_indices[0] if npu_indices else None
+        out_index = npu_tensors[0].device.index if npu_tensors else None
     else:
         out_index = _index(target) if target.type == "npu" else None
         target = torch.device("npu", out_index) if target.type == "npu" else target
@@ -408,43 +465,90 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
         _check_same_device(name, tensors)
     devices = {t.device for t in tensors} | ({target} if target is not None else set())
     transfer = name == "aten::_local_scalar_dense" or (name in _COPY_OPS and len(devices) > 1)
-    kernel = not (transfer or name in _NO_KERNEL_OPS or _is_view(func))
-    index = npu_indices[0] if npu_indices else out_index
+    kernel = not (transfer or name in _SET_OPS or name in _NO_KERNEL_OPS or _is_view(func))
+    index = npu_tensors[0].device.index if npu_tensors else out_index
     capture = _capture_on(index)
     if capture is not None and (transfer or name in _DATA_DEPENDENT_OPS):
         capture.failed = name
         raise RuntimeError(_CAPTURE_ERROR)
     _record(index, name, tensors, kernel, capturing=capture is not None)
+    if name in _SET_OPS:  # only metadata changes, and the CPU kernels for that work on any device
+        output = func.redispatch(_CPU_KEYS, *args, **kwargs)
+        if capture is not None:
+            capture.record(func, args, kwargs, output)
+        return output
+
+    hosts = {id(t): _stand_in(func, t, args, kwargs) for t in npu_tensors}
 
     def to_cpu(x: Any) -> Any:
-        if isinstance(x, _NpuTensor):
-            return x._cpu
+        if _is_npu(x):
+            return hosts[id(x)]
         if isinstance(x, torch.device) and x.type == "npu":
-            return torch.device("cpu")
+            return _HOST
         return x
 
-    result = func(*pytree.tree_map(to_cpu, args), **pytree.tree_map(to_cpu, kwargs))
-    # In-place and out= operators return their argument; hand back the caller's tensor, not a new wrapper.
-    inputs = {id(to_cpu(t)): t for t in tensors}
+    try:
+        result = func(*pytree.tree_map(to_cpu, args), **pytree.tree_map(to_cpu, kwargs))
+    except RuntimeError as error:
+        if "not resizable" not in str(error):
+            raise
+        # An out= tensor too small for the result, which torch still resizes (with a warning): it needs memory that
+        # can grow. Out= operators resize before they compute, so nothing was written yet.
+        for t in npu_tensors:
+            if any(value is t for value in kwargs.values()):
+                hosts[id(t)] = _growable(hosts[id(t)])
+        result = func(*pytree.tree_map(to_cpu, args), **pytree.tree_map(to_cpu, kwargs))
+    # In-place and out= operators return their argument: hand back the caller's tensor. A result in an argument's
+    # memory is a view of it; anything else is new memory on the output device.
+    inputs = {id(hosts[id(t)]): t for t in npu_tensors}
+    bases = {t.untyped_storage().data_ptr(): t for t in npu_tensors if t.untyped_storage().data_ptr()}
 
     def to_npu(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        if id(x) in inputs:
-            original = inputs[id(x)]
-            if isinstance(original, _NpuTensor):
-                _sync_metadata(original)
-                _account(original._cpu, original.device.index)
+        original = inputs.get(id(x))
+        if original is not None:
+            if (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride()) != (
+                    original.untyped_storage().data_ptr(), original.storage_offset(), original.shape,
+                    original.stride()):
+                _rebind(original, x)
             return original
+        base = bases.get(x.untyped_storage().data_ptr())
+        if base is not None:
+            return _view_of(base, x)
         if out_index is None:
             return x
         _account(x, out_index)
-        return _NpuTensor(x, out_index)
+        return _device_tensor(x, out_index)
 
     output = pytree.tree_map(to_npu, result)
     if capture is not None:
-        capture.record(func, args, kwargs, output, to_cpu)
+        capture.record(func, args, kwargs, output)
     return output
+
+
+def _stand_in(func: torch._ops.OpOverload, tensor: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The CPU tensor an operator runs on in place of an npu tensor: an alias of its memory, unless the operator
+    may have to give it more memory (an empty out= tensor, a growing resize_), which an alias cannot get."""
+    host = _host(tensor)
+    if tensor.numel() == 0 and _writes(func) and any(value is tensor for value in kwargs.values()):
+        return torch.empty(0, dtype=tensor.dtype)
+    if func.name() == "aten::resize_" and args[0] is tensor:
+        needed = (tensor.storage_offset() + math.prod(args[1])) * tensor.element_size()
+        if needed > host.untyped_storage().nbytes():
+            return _growable(host)
+    return host
+
+
+def _growable(host: torch.Tensor) -> torch.Tensor:
+    """A copy of ``host`` in CPU memory of its own, which an operator can resize."""
+    return torch.empty(0, dtype=host.dtype).set_(
+        host.untyped_storage().clone(), host.storage_offset(), host.size(), host.stride())
+
+
+@functools.cache
+def _writes(func: torch._ops.OpOverload) -> bool:
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
 
 
 @functools.cache
@@ -455,21 +559,13 @@ def _is_view(func: torch._ops.OpOverload) -> bool:
 
 def _check_same_device(name: str, tensors: list[torch.Tensor]) -> None:
     # CPU scalars (0-dim) mix with device tensors, as on CUDA; anything else on another device is a plumbing bug.
-    on = {t.device for t in tensors
-          if isinstance(t, _NpuTensor) or (t.dim() > 0 and name not in _CPU_OPERAND_OPS)}
+    on = {t.device for t in tensors if _is_npu(t) or (t.dim() > 0 and name not in _CPU_OPERAND_OPS)}
     if len(on) > 1 and any(d.type == "npu" for d in on):
         first, second = sorted(on, key=str)[:2]
         raise RuntimeError(
             f"Expected all tensors to be on the same device, but found at least two devices, {first} and {second}! "
             f"(operator {name})"
         )
-
-
-def _sync_metadata(tensor: _NpuTensor) -> None:
-    # resize_, set_ and out= operators may reshape their CPU data in place; the wrapper must show the new shape.
-    cpu = tensor._cpu
-    if (cpu.shape, cpu.stride(), cpu.storage_offset()) != (tensor.shape, tensor.stride(), tensor.storage_offset()):
-        torch.Tensor.data.__set__(tensor, _NpuTensor(cpu, tensor.device.index))
 
 
 def _record(index: int, name: str, tensors: list[torch.Tensor], kernel: bool, capturing: bool = False) -> None:
@@ -502,7 +598,7 @@ def _account(cpu: torch.Tensor, index: int) -> None:
         capture = _capture_on(index)
         if capture is not None and known is None:  # served by the graph's private pool
             if key not in capture.storages:  # (views of a pool tensor come back here with its storage)
-                capture.storages[key] = nbytes
+                capture.storages[key] = (storage.data_ptr(), nbytes)
                 capture.pool.allocate(nbytes, d)
                 emulator.pool_storages[key] = (capture.pool, nbytes)
                 weakref.finalize(storage, _release, key)
@@ -586,7 +682,7 @@ _DATA_DEPENDENT_OPS = frozenset({
     "aten::_unique2", "aten::unique_dim", "aten::_unique", "aten::bincount", "aten::repeat_interleave.Tensor",
 })
 _CAPTURE_ERROR = "NPU error: operation not permitted when stream is capturing"
-_SDPA_OPS = frozenset({"aten::scaled_dot_product_attention", "aten::_fused_sdp_choice"})
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 class _Slot:
@@ -640,39 +736,40 @@ class _Capture:
         self.graph, self.pool, self.index = graph, pool, index
         self.thread = threading.get_ident()
         self.launches: list[tuple[Any, ...]] = []
-        self.slots: dict[int, tuple[int, weakref.ref]] = {}  # id of a CPU tensor made here -> (slot, the tensor)
-        self.storages: dict[int, int] = {}  # live pool storages made by this capture -> bytes
+        self.slots: dict[int, tuple[int, weakref.ref]] = {}  # id of an npu tensor made here -> (slot, the tensor)
+        self.storages: dict[int, tuple[int, int]] = {}  # live pool storages made by this capture -> (pointer, bytes)
         self.counter = -1
         self.failed: str | None = None
 
-    def record(self, func: Any, args: tuple, kwargs: dict, output: Any, to_cpu: Any) -> None:
-        inputs = [to_cpu(x) for x in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(x, torch.Tensor)]
+    def record(self, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        inputs = [x for x in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(x, torch.Tensor)]
 
         def template(x: Any) -> Any:
-            x = to_cpu(x)
             if isinstance(x, torch.Tensor):
                 known = self.slots.get(id(x))
                 if known is not None and known[1]() is x:
                     return _Slot(known[0])
+            elif isinstance(x, torch.device) and x.type == "npu":
+                return _HOST
             return x  # made before capture (weights, static inputs): replays read its current data
 
         outputs = []
         for leaf in pytree.tree_leaves(output):
-            cpu = to_cpu(leaf) if isinstance(leaf, torch.Tensor) else None
-            if cpu is None or any(cpu is x for x in inputs):  # in-place: the input already stands for it
+            if not isinstance(leaf, torch.Tensor) or any(leaf is x for x in inputs):  # in-place: the input stands
                 outputs.append(None)
                 continue
             number = self.counter = self.counter + 1
-            self.slots[id(cpu)] = (number, weakref.ref(cpu))
-            outputs.append((number, weakref.ref(cpu)))
+            self.slots[id(leaf)] = (number, weakref.ref(leaf))
+            outputs.append((number, weakref.ref(leaf)))
         self.launches.append((func, pytree.tree_map(template, args), pytree.tree_map(template, kwargs), outputs))
 
     def garbage(self) -> None:
         """What capture computed is not there on hardware: overwrite every buffer made from pool memory."""
+        pool = {ptr for ptr, _ in self.storages.values()}
         for _, tensor_ref in self.slots.values():
             tensor = tensor_ref()
-            if tensor is not None and id(tensor.untyped_storage()) in self.storages:
-                tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+            if tensor is not None and tensor.untyped_storage().data_ptr() in pool:
+                _host(tensor).fill_(float("nan") if tensor.is_floating_point() else -1)
 
 
 def _capture_on(index: int | None) -> _Capture | None:
@@ -681,11 +778,9 @@ def _capture_on(index: int | None) -> _Capture | None:
     return capture if capture is not None and capture.thread == threading.get_ident() else None
 
 
-def _note_sdpa(name: str, args: tuple, kwargs: dict) -> None:
-    """Count SDPA calls torch_npu would not send to npu_fusion_attention: a non-bool mask, non-4-D inputs, or a chip
-    before the 910B (op-plugin's ScaledDotProductAttention kernel)."""
-    if name not in _SDPA_OPS or not isinstance(args[0], _NpuTensor):
-        return
+def _unfused_sdpa(args: tuple, kwargs: dict) -> bool:
+    """Whether torch_npu would not send this SDPA call to npu_fusion_attention (a non-bool mask, non-4-D inputs, or a
+    chip before the 910B: op-plugin's ScaledDotProductAttention kernel); counts such calls."""
     query, index = args[0], args[0].device.index
     mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
     fused = (query.dim() == 4 and (mask is None or mask.dtype == torch.bool)
@@ -693,6 +788,7 @@ def _note_sdpa(name: str, args: tuple, kwargs: dict) -> None:
     if not fused:
         with _lock:
             _require().devices[index].sdpa_unfused += 1
+    return not fused
 
 
 class NPUGraph:
@@ -736,7 +832,9 @@ class NPUGraph:
         values: dict[int, torch.Tensor] = {}
 
         def fill(x: Any) -> Any:
-            return values[x.number] if isinstance(x, _Slot) else x
+            if isinstance(x, _Slot):
+                return values[x.number]
+            return _host(x) if _is_npu(x) else x
 
         with torch.inference_mode():
             for position, (func, args, kwargs, outputs) in enumerate(self._launches):
@@ -747,7 +845,7 @@ class NPUGraph:
                     values[out[0]] = leaf
                     captured = out[1]()
                     if captured is not None and captured is not leaf and captured.data_ptr() != leaf.data_ptr():
-                        captured.copy_(leaf)  # a buffer someone holds (the graph's outputs) gets the new data
+                        _host(captured).copy_(leaf)  # a buffer someone holds (the graph's outputs) gets the new data
                 for number in self._done_after[position]:  # host memory: BERT-base's activations would not fit
                     values.pop(number, None)
         with _lock:
