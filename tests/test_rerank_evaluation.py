@@ -34,3 +34,14 @@ def test_verify_and_bench_a_reranker_on_the_emulated_npu(reranker):
     bench = rerank.bench_reranker(str(reranker), "npu:6", None, [4], workload=workload)
     assert [row["batch_size"] for row in bench["rows"]] == [4] and bench["rows"][0]["max_abs_error"] <= 1e-5
     assert "speed-up" in rerank.format_bench(bench)
+
+
+def test_verify_and_bench_commands_take_a_reranker_folder(reranker):
+    from conftest import run_cli
+
+    emulated = {"ST_NPU_EMULATE": "2"}
+    verified = run_cli("verify", "--model", str(reranker), "--device", "npu:1", env=emulated)
+    assert verified.returncode == 0 and "Spearman per query" in verified.stdout and "PASS" in verified.stdout, \
+        verified.stderr[-2000:]
+    benched = run_cli("bench", "--model", str(reranker), "--device", "cpu", "--batch-sizes", "8", env=emulated)
+    assert benched.returncode == 0 and "st_npu pairs/s" in benched.stdout, benched.stderr[-2000:]

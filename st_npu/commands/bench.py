@@ -48,6 +48,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError(f"--plot needs matplotlib: {report.PLOT_HINT}")
+    from st_npu.loading.folder import is_reranker, resolve_model_path
+
+    folder = resolve_model_path(args.model)
+    if is_reranker(folder):  # a cross-encoder: pairs per second against stock CrossEncoder
+        from st_npu.evaluation import rerank
+
+        results = rerank.bench_reranker(str(folder), args.device, args.dtype, batch_sizes, args.repeats)
+        print(rerank.format_bench(results))
+        if args.json_path:
+            write_json(Path(args.json_path), results)
+        return 0
     workload = bench.load_workload(args.workload, args.limit)
     results = bench.benchmark(args.model, workload, batch_sizes, device=args.device, dtype=args.dtype, spec=args.spec,
                               repeats=args.repeats, use_graphs=args.graphs == "on")

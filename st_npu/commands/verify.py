@@ -26,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder("--save-reference", args.save_reference)
     if not args.save_reference:  # saving never opens the target device
         check_device(args.device)
+    from st_npu.loading.folder import is_reranker, resolve_model_path
+
+    if is_reranker(resolve_model_path(args.model)):
+        return _verify_reranker(args)
     from st_npu.evaluation import verify
 
     verify.check_threshold(args.threshold)
@@ -45,3 +49,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         write_json(Path(args.json_path), report)
     return 0 if report["passed"] else 1
+
+
+def _verify_reranker(args: argparse.Namespace) -> int:
+    """A cross-encoder: its scores against stock's on the CPU in float32 (per-query Spearman, top-k, max error)."""
+    from st_npu.evaluation import rerank
+    from st_npu.loading.folder import resolve_model_path
+
+    report = rerank.verify_reranker(str(resolve_model_path(args.model)), args.device, args.dtype)
+    print(rerank.format_verify(report))
+    if args.json_path:
+        write_json(Path(args.json_path), report)
+    return 0 if not report["failures"] else 1

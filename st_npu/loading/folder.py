@@ -94,6 +94,16 @@ def recognise_spec(folder: Path, model_id: str | None, config: dict[str, Any]) -
     return find_spec(model_id, *parts, config.get("_name_or_path"))
 
 
+def is_reranker(folder: str | os.PathLike) -> bool:
+    """Whether a model folder holds a cross-encoder (its ``config.json`` names a sequence-classification model), which
+    ``st-npu verify`` and ``st-npu bench`` then check as a reranker."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    architectures = read_json(path).get("architectures") or []
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+
+
 def recognise_model(model: Any) -> dict[str, Any] | None:
     """The known model a loaded model is, from where its transformer was loaded (for models stock built)."""
     from st_npu import _compat
