@@ -131,15 +131,6 @@ def with_max_length(encode_kwargs: dict[str, Any], max_length: int) -> dict[str,
     return {**encode_kwargs, "processing_kwargs": {**given, "text": text}}
 
 
-def stock_encode_signature() -> inspect.Signature:
-    """Stock ``encode``'s signature, to read a call's options by name whatever their position."""
-    return inspect.signature(StockSentenceTransformer.encode)
-
-
-# 6.x names encode's first parameter ``inputs``, 5.x ``sentences``.
-ENCODE_INPUTS = next(iter(list(inspect.signature(StockSentenceTransformer.encode).parameters)[1:2]))
-
-
 def quantize_embeddings(embeddings: Any, precision: str) -> Any:
     """Stock's quantization, from wherever this release exports it."""
     return sentence_transformers.quantize_embeddings(embeddings, precision=precision)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _local = threading.local()
@@ -37,7 +37,6 @@ class Call:
     tails: Any = None  # engine.static_shapes.Tails: the call wants host rows, with these tails applied
     prefetcher: Any = None  # engine.overlap.Prefetcher preparing the next batches
     batch: Batch | None = None
-    scratch: dict[str, Any] = field(default_factory=dict)  # per-call state of hooks (the attention mask swap)
 
 
 def current(owner: Any) -> Call | None:
