@@ -1,8 +1,10 @@
-"""``st-npu serve``: an embedder and/or a reranker behind text-embeddings-inference's, OpenAI's and Cohere's APIs,
-batching concurrent requests.
+"""``st-npu serve``: embedders, rerankers and sparse encoders, any number in one process, behind
+text-embeddings-inference's, OpenAI's and Cohere's APIs, batching concurrent requests per model.
 
-Its options are built by :func:`add_server_arguments`, which ``bench-serve`` reuses for the servers it starts.
-The reranker is built by :func:`load_reranker` alone.
+The models come from ``--model name=path[,devices=...][,dtype=...]`` (once per model), a ``--deployment`` TOML file,
+or the one-model options (``--model PATH`` with ``--devices``/``--served-model-name``, and ``--reranker PATH``);
+:func:`model_entries` turns them into :class:`~st_npu.serve.deployment.ModelEntry` items. The options are built by
+:func:`add_server_arguments`, which ``bench-serve`` reuses for the servers it starts.
 """
 
 from __future__ import annotations
@@ -16,24 +18,38 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from st_npu.errors import UsageError
-from st_npu.commands.options import add_model_arguments, positive_int
+from st_npu.commands.options import check_device, positive_int
 from st_npu.loading.folder import DEFAULT_MODEL
+from st_npu.serve.deployment import NAME, ModelEntry, check_names, detect_kind, is_named, parse_model_option, \
+    read_deployment
 
-HELP = "an embedding and reranking server (TEI, OpenAI and Cohere APIs) that batches requests"
+HELP = "an embedding, reranking and sparse-embedding server (TEI, OpenAI and Cohere APIs) that batches requests"
+MODEL_HELP = ("a model to serve, given once per model as name=path[,devices=npu:0,npu:1][,dtype=...][,spec=...]"
+              "[,max_batch_tokens=N][,max_batch_size=N]: an embedder, a reranker (CrossEncoder) or a sparse encoder "
+              "(SPLADE), told apart by its folder; its TEI routes are /models/NAME/... and OpenAI/Cohere clients "
+              "name it in 'model'. A bare folder or hub id (once) is the one-model form, named by "
+              f"--served-model-name (default {DEFAULT_MODEL} when no model is given)")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and batching options of a server, shared with ``bench-serve`` (which starts servers)."""
-    add_model_arguments(parser)
-    parser.set_defaults(model=None)  # none given with --reranker: the reranker alone
-    parser.add_argument("--devices", help="one model per device, e.g. npu:0,npu:1 (instead of --device)")
+    parser.add_argument("--model", action="append", help=MODEL_HELP)
+    parser.add_argument("--deployment", help="a TOML file with one [[models]] table per model (name, path and the "
+                                             "--model options as keys), served with any --model given")
+    parser.add_argument("--spec", default=None,
+                        help="known model the folder holds, when its name does not say (e.g. BAAI/llm-embedder)")
+    parser.add_argument("--device", default=None,
+                        help="auto (default), npu, npu:N, cpu, cuda:N: every model's unless it names its devices")
+    parser.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16, unless a model says")
+    parser.add_argument("--devices", help="the one-model form's devices, one copy each, e.g. npu:0,npu:1")
     parser.add_argument("--reranker", help="a CrossEncoder (reranker) folder or hub id to serve too, or alone")
     parser.add_argument("--reranker-devices", help="the reranker's devices, e.g. npu:2 (default: --device)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     parser.add_argument("--max-batch-tokens", type=positive_int, default=16384,
-                        help="padded tokens (rows x bucket length) per batch (default 16384)")
-    parser.add_argument("--max-batch-size", type=positive_int, default=64, help="texts per batch (default 64)")
+                        help="padded tokens (rows x bucket length) per batch, per model unless it says (default 16384)")
+    parser.add_argument("--max-batch-size", type=positive_int, default=64,
+                        help="texts per batch, per model unless it says (default 64)")
     parser.add_argument("--max-client-batch-size", type=positive_int, default=32,
                         help="texts per request; more is refused with 413 (default 32)")
     parser.add_argument("--max-concurrent-requests", type=positive_int, default=512,
@@ -44,7 +60,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request bodies over this many bytes are refused with 413 (default 2000000)")
     parser.add_argument("--tokenization-workers", type=positive_int, default=None,
                         help="threads tokenising requests (default: half the cores this process owns, 1 to 4)")
-    parser.add_argument("--served-model-name", help="the model name /info and /v1/models give (default --model)")
+    parser.add_argument("--served-model-name", help="the one-model form's name, which /info and /v1/models give and "
+                                                    "OpenAI/Cohere clients send as 'model' (default: --model as given)")
+    parser.add_argument("--request-timeout", type=_seconds, default=None,
+                        help="seconds a request may wait for a device; past it, a request none of whose texts reached "
+                             "a device is dropped and answered 504 (default: none). A request's own "
+                             "'x-request-timeout: SECONDS' header overrides it")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +74,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="no batching: one encode per request, one request at a time per device (a baseline)")
-    parser.add_argument("--graceful-timeout", type=float, default=30.0,
-                        help="on SIGTERM, seconds to finish the requests in flight before exiting (default 30)")
+    parser.add_argument("--graceful-timeout", type=_seconds, default=30.0,
+                        help="on SIGTERM or Ctrl-C, seconds to go on answering the requests in flight and queued; then "
+                             "whatever is still queued is answered 503 and the process exits after at most the one "
+                             "batch each device is computing (default 30)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text!r}")
+    return value
 
 
 def device_list(args: argparse.Namespace, option: str = "devices") -> list[str | None]:
@@ -68,19 +101,69 @@ def device_list(args: argparse.Namespace, option: str = "devices") -> list[str |
     return devices
 
 
-def load_reranker(path: str, device: str | None, dtype: str | None) -> Any:
-    """The reranker for one device: ``st_npu.CrossEncoder``, on the engine as the embedder is."""
-    from st_npu.cross_encoder import CrossEncoder
+def model_entries(args: argparse.Namespace) -> list[ModelEntry]:
+    """Every model the options name, in order (the one-model form first, then --model name=..., the deployment file,
+    and --reranker), each with its kind read from its folder."""
+    given = args.model or []
+    bare = [text for text in given if not is_named(text)]
+    if len(bare) > 1:
+        raise UsageError(f"--model is given {len(bare)} times without a name: write each as name=path "
+                         f"(e.g. --model small={bare[0]})")
+    if args.devices and not bare and given:
+        raise UsageError("--devices goes with the one-model form (--model PATH); with name=path, write "
+                         "--model name=path,devices=npu:0,npu:1")
+    if args.served_model_name and not bare and given:
+        raise UsageError("--served-model-name names the one-model form (--model PATH); name=path names itself")
+    default = (args.device,)
+    entries = []
+    if bare or not (given or args.deployment or args.reranker):
+        path = bare[0] if bare else DEFAULT_MODEL
+        name = args.served_model_name or path
+        entries.append(ModelEntry(name, path, None, tuple(device_list(args)), args.dtype, args.spec,
+                                  routed=NAME.fullmatch(name) is not None))
+    for text in given:
+        if is_named(text):
+            entries.append(_with_defaults(parse_model_option(text), default, args))
+    if args.deployment:
+        entries += [_with_defaults(entry, default, args) for entry in read_deployment(args.deployment)]
+    if args.reranker:
+        entries.append(ModelEntry(args.reranker, args.reranker, "rerank", tuple(device_list(args, "reranker-devices")),
+                                  args.dtype, routed=NAME.fullmatch(args.reranker) is not None))
+    check_names(entries)
+    return [detect_kind(entry) for entry in entries]
 
-    return CrossEncoder(path, device=device, dtype=dtype)
+
+def _with_defaults(entry: ModelEntry, devices: tuple[str | None, ...], args: argparse.Namespace) -> ModelEntry:
+    from dataclasses import replace
+
+    return replace(entry, devices=entry.devices if entry.devices != (None,) else devices,
+                   dtype=entry.dtype or args.dtype)
 
 
-def load_embedder(args: argparse.Namespace, device: str | None) -> Any:
+def load(entry: ModelEntry, device: str | None) -> Any:
+    """One copy of a served model on one device: ``st_npu.SentenceTransformer`` or ``st_npu.CrossEncoder``, or a
+    stock ``SparseEncoder`` built under ``st_npu.patch()`` (which puts it on the engine as the others are)."""
+    check_device(device)
+    if entry.kind == "rerank":
+        from st_npu.cross_encoder import CrossEncoder
+
+        return CrossEncoder(entry.path, device=device, dtype=entry.dtype)
+    if entry.kind == "sparse":
+        import sentence_transformers
+
+        import st_npu
+
+        with st_npu.patch(dtype=entry.dtype):
+            return sentence_transformers.SparseEncoder(entry.path, device=device)
+    return load_embedder(entry, device)
+
+
+def load_embedder(entry: ModelEntry, device: str | None) -> Any:
     """The embedder for one device, without a final Normalize module: the server normalises per request
     (TEI's ``normalize``, default true), so ``normalize: false`` and ``dimensions`` get the pooled vector."""
-    from st_npu.commands.options import load_model
+    from st_npu import SentenceTransformer
 
-    model = load_model(args, device=device)
+    model = SentenceTransformer(entry.path, device=device, dtype=entry.dtype, spec=entry.spec)
     if len(model) > 1 and type(model[len(model) - 1]).__name__ == "Normalize":
         del model[len(model) - 1]
     return model
@@ -114,36 +197,30 @@ def run(args: argparse.Namespace) -> NoReturn:
     --graceful-timeout, and exit the process with 0."""
     from st_npu.serve import require_serve_stack
 
-    if args.model is None and not args.reranker:
-        args.model = DEFAULT_MODEL
-    devices = device_list(args) if args.model else []
-    reranker_devices = device_list(args, "reranker-devices") if args.reranker else []
+    entries = model_entries(args)
     require_serve_stack()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text per call: threads belong to the workers
     import uvicorn
 
     from st_npu.serve.app import Served, Settings, create_app
-    from st_npu.serve.batcher import Batcher
+    from st_npu.serve.batcher import Batcher, max_length
     from st_npu.serve.metrics import Metrics
     from st_npu.serve.tokens import Tokenization
 
-    embedders = [load_embedder(args, device) for device in devices]
-    rerankers = [load_reranker(args.reranker, device, args.dtype) for device in reranker_devices]
-    every = embedders + rerankers
+    loaded = [[load(entry, device) for device in entry.devices] for entry in entries]
+    every = [model for models in loaded for model in models]
     workers = size_threads(sum(m.device.type == "cpu" for m in every), args.tokenization_workers)
-    metrics = Metrics([model.device for model in every])
+    metrics = Metrics([model.device for model in every], max(max_length(model) for model in every))
     settings = Settings(args.max_client_batch_size, args.auto_truncate, args.payload_limit, args.api_key, workers,
-                        args.graceful_timeout)
-
-    def served(models: list[Any], kind: str, name: str) -> Served | None:
-        if not models:
-            return None
-        batcher = Batcher(models, args.max_batch_tokens, args.max_batch_size, args.max_concurrent_requests,
-                          max_batch_requests=1 if args.one_at_a_time else None, metrics=metrics, kind=kind)
-        return Served(batcher, name, Tokenization(models[0].tokenizer, workers))
-
-    app = create_app(served(embedders, "embed", args.served_model_name or args.model),
-                     served(rerankers, "rerank", args.reranker), metrics, settings)
+                        args.graceful_timeout, args.request_timeout)
+    served = []
+    for entry, models in zip(entries, loaded):
+        batcher = Batcher(models, entry.max_batch_tokens or args.max_batch_tokens,
+                          entry.max_batch_size or args.max_batch_size, args.max_concurrent_requests,
+                          max_batch_requests=1 if args.one_at_a_time else None, metrics=metrics, kind=entry.kind,
+                          name=entry.name)
+        served.append(Served(batcher, entry.name, Tokenization(models[0].tokenizer, workers), entry.routed))
+    app = create_app(served, metrics, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_timeout)
     with _signals_end_quietly():

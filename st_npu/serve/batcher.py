@@ -1,7 +1,7 @@
 """The request batcher: many clients' requests gathered into bucket-shaped batches, one worker per device.
 
 Requests wait in one queue shared by every device of one model (an embedder's and a reranker's batchers are
-separate, so their batches never mix). A device's worker takes rows from the oldest request, then from every
+separate, and so are any two models', so their batches never mix). A device's worker takes rows from the oldest request, then from every
 waiting request with the same options, while the padded batch stays under the token budget
 (``max_batch_tokens``: bucketed rows x bucketed longest text, as static shapes will pad it) and ``max_batch_size``,
 and runs them as one device call. A request with more rows than one batch holds is cut: its first rows run, and
@@ -10,7 +10,8 @@ batching window: while a device computes, requests pile up and the next batch ta
 
 Each queue entry carries its rows already tokenised at admission (:mod:`st_npu.serve.tokens`), as
 text-embeddings-inference's entries carry their encodings, down to :meth:`Batcher.device_call`, the one place that
-hands them to the model. A request whose client went away is dropped before its next rows reach a device.
+hands them to the model. A request whose client went away is dropped before its next rows reach a device, and a
+request past its deadline before its first rows do (one already on a device finishes).
 A batch that fails is retried request by request, so one bad request fails alone.
 """
 
@@ -34,6 +35,10 @@ class QueueFull(Exception):
     """More requests are queued or computing than ``max_concurrent_requests`` allows, or the server is stopping."""
 
 
+class DeadlineExceeded(Exception):
+    """A request's deadline passed before any of its rows reached a device."""
+
+
 @dataclass
 class Job:
     """One request: its rows (texts or pairs, already cut to the model's limit) and their token ids."""
@@ -43,6 +48,7 @@ class Job:
     options: tuple = ()  # requests batch together only when their options are equal (e.g. the prompt)
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # time.perf_counter() past which its rows are not started
     started_at: float | None = None
     compute_s: float = 0.0
     taken: int = 0  # rows handed to a device so far
@@ -61,13 +67,16 @@ class Batcher:
     """Runs queued jobs on ``models`` (one per device), one worker thread each, after each has warmed up.
 
     ``max_batch_requests=1`` turns batching off: each request is its own device call, one at a time per device
-    (the baseline that ``st-npu bench-serve`` compares against). ``kind`` is ``"embed"`` or ``"rerank"``.
+    (the baseline that ``st-npu bench-serve`` compares against). ``kind`` is ``"embed"``, ``"rerank"`` or
+    ``"sparse"``; ``name`` labels the model's metrics (its kind by default).
     """
 
     def __init__(self, models: list[Any], max_batch_tokens: int, max_batch_size: int, max_concurrent_requests: int,
-                 max_batch_requests: int | None = None, metrics: Any = None, kind: str = "embed") -> None:
+                 max_batch_requests: int | None = None, metrics: Any = None, kind: str = "embed",
+                 name: str | None = None) -> None:
         self.models = models
         self.kind = kind
+        self.name = name or kind
         self.max_seq_length = max_length(models[0])
         if max_batch_tokens < self.max_seq_length:
             raise InvalidValueError(f"--max-batch-tokens ({max_batch_tokens}) must be at least the model's maximum "
@@ -132,6 +141,7 @@ class Batcher:
             self._admitted += 1
             job._results = [None] * len(job.rows)
             self._pending.append(job)
+            self._count_queue()
             self._condition.notify()
         job.future.add_done_callback(self._release)
         return job.future
@@ -145,6 +155,26 @@ class Batcher:
                 self._pending.remove(job)
         if waiting:
             job.future.cancel()
+
+    def expire(self, job: Job) -> bool:
+        """The job's deadline passed: drop it if none of its rows reached a device (True), else let it finish."""
+        with self._condition:
+            if job.taken:
+                return False
+            self._expire(job)
+            self._count_queue()
+            return True
+
+    def _expire(self, job: Job) -> None:
+        job.abandoned = True
+        job.error = job.error or DeadlineExceeded("the request's deadline passed before it reached a device")
+        if job in self._pending:
+            self._pending.remove(job)
+        self._fail(job)
+
+    def _count_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_size(self.name, sum(len(job.rows) - job.taken for job in self._pending))
 
     def _release(self, _future: Future) -> None:
         with self._condition:
@@ -178,6 +208,8 @@ class Batcher:
             engine_of(model).warmup(self.max_batch_size, max_tokens=self.max_batch_tokens)
         elif self.kind == "rerank":
             model.predict([("warm-up", "warm-up")], show_progress_bar=False)
+        elif self.kind == "sparse":
+            model.encode(["warm-up"], show_progress_bar=False, convert_to_sparse_tensor=False)
         else:
             model.encode(["warm-up"], show_progress_bar=False)
 
@@ -203,9 +235,13 @@ class Batcher:
         batch: list[tuple[Job, slice]] = []
         rows = longest = 0
         kept: list[Job] = []
+        now = time.perf_counter()
         for job in order:
             if job.abandoned or job.future.cancelled():
                 self._drop(job)
+                continue
+            if not job.taken and job.deadline is not None and now > job.deadline:
+                self._expire(job)
                 continue
             if batch and (job.options != batch[0][0].options or batch[-1][0].taken < len(batch[-1][0].rows) or (
                     self.max_batch_requests is not None and len(batch) >= self.max_batch_requests)):
@@ -234,6 +270,7 @@ class Batcher:
         for job, _ in batch:
             job.yielded = False
         self._pending = deque(kept + [job for job, _ in batch if job.taken < len(job.rows)])
+        self._count_queue()
         return batch
 
     def _drop(self, job: Job) -> None:
@@ -257,7 +294,7 @@ class Batcher:
             return
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
-            self.metrics.observe_batch(self.kind, str(model.device), batch, elapsed, started)
+            self.metrics.observe_batch(self.name, str(model.device), batch, elapsed, started)
         start = 0
         for job, rows in batch:
             count = rows.stop - rows.start
@@ -282,6 +319,9 @@ class Batcher:
             entry = {"activation_fn": torch.nn.Identity()}
             run = functools.partial(model.predict, rows, batch_size=len(rows), convert_to_numpy=True,
                                     show_progress_bar=False, **entry)
+        elif self.kind == "sparse":
+            entry = {"prompt_name": options[0]}
+            run = functools.partial(self._sparse_rows, model, rows, options[0])
         else:
             prompt_name, output = options
             entry = {"prompt_name": prompt_name}
@@ -296,7 +336,7 @@ class Batcher:
             tokens = engine.tokens_from_ids(rows, encodings, **entry)
         if tokens is None:
             if self.metrics is not None:
-                self.metrics.tokenizations.labels(self.kind, "device").inc(len(rows))
+                self.metrics.tokenizations.labels(self.name, "device").inc(len(rows))
             return list(run())
         with engine.given_tokens(tokens):
             return list(run())
@@ -306,6 +346,18 @@ class Batcher:
         return [np.asarray(t.float().cpu()) for t in model.encode(
             rows, prompt_name=prompt_name, batch_size=len(rows), output_value="token_embeddings",
             show_progress_bar=False)]
+
+    @staticmethod
+    def _sparse_rows(model: Any, rows: list[Any], prompt_name: str | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each row's non-zero entries (vocabulary indices, ascending, and their weights), as TEI's /embed_sparse
+        gives them."""
+        dense = model.encode(rows, prompt_name=prompt_name, batch_size=len(rows), convert_to_tensor=True,
+                             convert_to_sparse_tensor=False, show_progress_bar=False)
+        answer = []
+        for row in dense.float().cpu().numpy():
+            indices = np.flatnonzero(row)
+            answer.append((indices, row[indices]))
+        return answer
 
     def _settle(self, part: tuple[Job, slice], outcome: Any) -> None:
         job, rows = part

@@ -1,7 +1,9 @@
 """The ASGI layer in front of the routes: the API key, the payload limit, unknown routes, request metrics.
 
 The body is read here, up to ``--payload-limit`` bytes: a larger one (by its Content-Length, or as it streams in)
-is answered 413 before any of it is parsed. The routes then read the body from memory, and whatever the client
+is answered 413 without being parsed. It is still read to its end (and dropped) up to ``DISCARD_LIMIT``: a client
+such as Python's urllib sends the whole body before it reads any answer, and a server that answers and closes
+while it is still sending leaves it with a broken pipe instead of the 413. The routes then read the body from memory, and whatever the client
 sends after it (its disconnection) still reaches them, so a request whose client has gone can be dropped.
 """
 
@@ -12,6 +14,7 @@ from typing import Any
 from st_npu.serve.protocol import ApiError, error_response
 
 OPEN_ROUTES = ("/health", "/ping")  # probes need no key
+DISCARD_LIMIT = 64 * 2 ** 20  # bytes of a too-large body read and dropped before answering (or the limit's 4x)
 
 
 class Gate:
@@ -47,7 +50,7 @@ class Gate:
                 self.metrics.errors.labels(label, str(status[0])).inc()
 
     def _refusal(self, scope: dict) -> ApiError | None:
-        if not self.api_key or scope["path"] in OPEN_ROUTES:
+        if not self.api_key or scope["path"] in OPEN_ROUTES or scope["path"].endswith(OPEN_ROUTES):
             return None
         headers = dict(scope["headers"])
         if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
@@ -58,7 +61,9 @@ class Gate:
         too_large = ApiError(413, f"the request body is larger than --payload-limit ({self.payload_limit} bytes)",
                              kind="validation")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.payload_limit:
+        declared = int(length) if length is not None and length.isdigit() else 0
+        discard = max(DISCARD_LIMIT, 4 * self.payload_limit)
+        if declared > discard:  # too much to read only to drop it: answer now (the client may not see it)
             return b"", too_large
         chunks, size = [], 0
         while True:
@@ -67,11 +72,13 @@ class Gate:
                 return b"", None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.payload_limit:
-                return b"", too_large
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
+            if size <= self.payload_limit and declared <= self.payload_limit:
+                chunks.append(chunk)
+            if not message.get("more_body", False) or size > discard:
+                break
+        if size > self.payload_limit or declared > self.payload_limit:
+            return b"", too_large
+        return b"".join(chunks), None
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -17,11 +17,18 @@ MAX_SHOWN = 40  # characters of a bad value quoted in an error
 
 
 class ApiError(Exception):
-    """A refusal: HTTP ``status``, a message naming the problem, the field, and TEI's ``error_type``."""
+    """A refusal: HTTP ``status``, a message naming the problem, the field, TEI's ``error_type``, and the reason
+    TEI's ``te_request_failure`` counts it under (``err``; by default read off the kind)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "validation") -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "validation",
+                 err: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.err = err or FAILURE_OF_KIND.get(kind, "validation")
+
+
+FAILURE_OF_KIND = {"tokenizer": "tokenization", "overloaded": "overloaded", "backend": "inference",
+                   "cancelled": "dropped", "timeout": "deadline", "unhealthy": "inference"}
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -77,7 +84,7 @@ def texts_or_ids(value: Any, field: str, max_batch: int) -> tuple[list[str] | No
         return None, [value]
     if len(value) > max_batch:
         raise ApiError(413, f"{field} has {len(value)} inputs, more than --max-client-batch-size {max_batch}; "
-                            f"split the request", field)
+                            f"split the request", field, err="batch_size")
     if all(isinstance(item, list) for item in value):
         for index, ids in enumerate(value):
             if not ids or not all(is_token_id(item) for item in ids):
@@ -95,7 +102,7 @@ def text_list(value: Any, field: str, max_batch: int) -> list[str]:
         raise ApiError(422, f"{field} is an empty list: send at least one text", field)
     if len(value) > max_batch:
         raise ApiError(413, f"{field} has {len(value)} texts, more than --max-client-batch-size {max_batch}; "
-                            f"split the request", field)
+                            f"split the request", field, err="batch_size")
     return [check_text(item, f"{field}[{index}]") for index, item in enumerate(value)]
 
 
