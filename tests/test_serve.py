@@ -127,7 +127,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def cpu_server(tiny_cls: Path, tiny_ce: Path):
-    server = Server(tiny_cls, "--spec", "BAAI/llm-embedder", "--reranker", str(tiny_ce), "--device", "cpu",
+    server = Server(tiny_cls, "--spec", "BAAI/llm-embedder", "--served-model-name", "llm-embedder",
+                    "--reranker", str(tiny_ce), "--device", "cpu",
                     "--api-key", API_KEY, *SMALL, "--max-concurrent-requests", "4")
     yield server
     assert server.stop() == 0
@@ -170,7 +171,7 @@ def test_openai_client_gets_encode_vectors_and_token_usage(cpu_server, reference
 
 
 def test_openai_dimensions_cut_then_normalise(cpu_server, reference):
-    response = openai_client(cpu_server).embeddings.create(input=TEXTS[:3], model="m", dimensions=8)
+    response = openai_client(cpu_server).embeddings.create(input=TEXTS[:3], model="llm-embedder", dimensions=8)
     vectors = np.array([item.embedding for item in response.data])
     assert vectors.shape == (3, 8)
     np.testing.assert_allclose(vectors, unit(reference.encode(TEXTS[:3])[:, :8]), atol=1e-5, rtol=0)
@@ -180,17 +181,17 @@ def test_openai_dimensions_cut_then_normalise(cpu_server, reference):
 
 def test_openai_client_default_format_a_single_string_and_token_ids(cpu_server, reference):
     client = openai_client(cpu_server)
-    response = client.embeddings.create(input="Hello world", model="m")
+    response = client.embeddings.create(input="Hello world", model="llm-embedder")
     np.testing.assert_allclose(response.data[0].embedding, reference.encode(["Hello world"])[0], atol=1e-5, rtol=0)
     ids = reference.tokenizer(["Hello world", "Paris"])["input_ids"]
-    response = client.embeddings.create(input=ids, model="m")
+    response = client.embeddings.create(input=ids, model="llm-embedder")
     np.testing.assert_allclose([item.embedding for item in response.data], reference.encode(["Hello world", "Paris"]),
                                atol=1e-5, rtol=0)
 
 
 def test_openai_auto_truncates_a_long_text(cpu_server, reference):
     long_text = "word " * 700
-    response = openai_client(cpu_server).embeddings.create(input=long_text, model="m")
+    response = openai_client(cpu_server).embeddings.create(input=long_text, model="llm-embedder")
     np.testing.assert_allclose(response.data[0].embedding, reference.encode(long_text), atol=1e-5, rtol=0)
     assert response.usage.prompt_tokens == 512
 
@@ -246,17 +247,17 @@ QUERY = "what is the capital of france"
 DOCUMENTS = ["Paris is the capital of France.", "Berlin is in Germany.", "a b c " * 40, "短い文"]
 
 
-def test_cohere_client_reranks_as_the_cross_encoder(cpu_server, reference_ce):
+def test_cohere_client_reranks_as_the_cross_encoder(cpu_server, reference_ce, tiny_ce):
     expected = reference_ce.predict([(QUERY, document) for document in DOCUMENTS])
     assert np.ptp(expected) > 1e-3  # distinct scores: the order is meaningful
     v1 = cohere.Client(base_url=cpu_server.url, api_key=API_KEY)  # POST /v1/rerank
     v2 = cohere.ClientV2(base_url=cpu_server.url, api_key=API_KEY)  # POST /v2/rerank, which returns no documents
-    for response in (v1.rerank(model="tiny-ce", query=QUERY, documents=DOCUMENTS, top_n=3, return_documents=True),
-                     v2.rerank(model="tiny-ce", query=QUERY, documents=DOCUMENTS, top_n=3)):
+    for response in (v1.rerank(model=str(tiny_ce), query=QUERY, documents=DOCUMENTS, top_n=3, return_documents=True),
+                     v2.rerank(model=str(tiny_ce), query=QUERY, documents=DOCUMENTS, top_n=3)):
         assert [r.index for r in response.results] == list(np.argsort(-expected)[:3])
         np.testing.assert_allclose([r.relevance_score for r in response.results], np.sort(expected)[::-1][:3],
                                    atol=1e-5, rtol=0)
-    with_text = v1.rerank(model="m", query=QUERY, documents=DOCUMENTS, top_n=2, return_documents=True).results
+    with_text = v1.rerank(query=QUERY, documents=DOCUMENTS, top_n=2, return_documents=True).results
     assert [r.document.text for r in with_text] == [DOCUMENTS[r.index] for r in with_text]
 
 
@@ -293,7 +294,7 @@ def test_tokenize_decode_similarity_embed_all_and_models(cpu_server, reference):
     expected = reference.encode(["Hello world"], output_value="token_embeddings")[0]
     np.testing.assert_allclose(token_vectors[0], expected, atol=1e-5, rtol=0)
     models = cpu_server.http.get("/v1/models").json()["data"]
-    assert [(m["id"].rsplit("/", 1)[-1], m["type"]) for m in models] == [("tiny-cls", "embed"),
+    assert [(m["id"].rsplit("/", 1)[-1], m["type"]) for m in models] == [("llm-embedder", "embed"),
                                                                          ("tiny-ce", "rerank")]
 
 
@@ -361,7 +362,7 @@ def test_bad_requests_get_clear_json_errors(cpu_server, route, body, status, mes
 
 def test_openai_client_raises_with_the_message(cpu_server):
     with pytest.raises(openai.UnprocessableEntityError, match="dimensions=64 is out of range"):
-        openai_client(cpu_server).embeddings.create(input="x", model="m", dimensions=64)
+        openai_client(cpu_server).embeddings.create(input="x", model="llm-embedder", dimensions=64)
 
 
 def test_a_reranker_alone_refuses_embedding_routes(tiny_ce, reference_ce):
@@ -388,7 +389,7 @@ def test_api_key_is_required(cpu_server, headers):
         assert client.get("/health").status_code == 200  # probes need no key
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{cpu_server.url}/v1", api_key="wrong", max_retries=0).embeddings.create(
-            input="x", model="m")
+            input="x", model="llm-embedder")
 
 
 def test_health_info_and_metrics(cpu_server):
@@ -397,11 +398,11 @@ def test_health_info_and_metrics(cpu_server):
     assert info["model_type"] == {"embedding": {"pooling": "cls"}} and info["auto_truncate"] is True
     assert info["max_batch_tokens"] == 1024 and info["max_client_batch_size"] == 8 and "qa_query" in info["prompts"]
     assert info["reranker"]["model_type"]["reranker"]["id2label"] == {"0": "LABEL_0"}
-    before = cpu_server.metric('st_npu_tokens_total{model="embed"}')
-    admitted = cpu_server.metric('st_npu_tokenizations_total{model="embed",stage="admission"}')
+    before = cpu_server.metric('st_npu_tokens_total{model="llm-embedder"}')
+    admitted = cpu_server.metric('st_npu_tokenizations_total{model="llm-embedder",stage="admission"}')
     cpu_server.http.post("/embed", json={"inputs": ["one two three"]}).raise_for_status()
-    assert cpu_server.metric('st_npu_tokens_total{model="embed"}') == before + 5  # [CLS] one two three [SEP]
-    assert cpu_server.metric('st_npu_tokenizations_total{model="embed",stage="admission"}') == admitted + 1
+    assert cpu_server.metric('st_npu_tokens_total{model="llm-embedder"}') == before + 5  # [CLS] one two three [SEP]
+    assert cpu_server.metric('st_npu_tokenizations_total{model="llm-embedder",stage="admission"}') == admitted + 1
     assert cpu_server.metric("st_npu_batch_size_count") >= 1
     assert cpu_server.metric("st_npu_compute_seconds_count") >= 1
 
@@ -437,7 +438,8 @@ def test_two_emulated_npus_batch_concurrent_clients_without_new_compilations(tin
         requests = [[f"question {index}", "a longer document " * (index % 5 + 1)] for index in range(24)]
         client = openai_client(server)
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(lambda texts: client.embeddings.create(input=texts, model="m"), requests))
+            responses = list(pool.map(lambda texts: client.embeddings.create(input=texts, model=str(tiny_cls)),
+                                      requests))
         for texts, response in zip(requests, responses):
             vectors = np.array([item.embedding for item in response.data])
             np.testing.assert_allclose(vectors, reference.encode(texts), atol=1e-6, rtol=0)
@@ -448,7 +450,7 @@ def test_two_emulated_npus_batch_concurrent_clients_without_new_compilations(tin
         batches = server.metric("st_npu_batch_requests_count")
         assert batches < len(requests)  # requests were gathered into shared batches
         for device in ("npu:0", "npu:1"):
-            assert server.metric(f'st_npu_batch_requests_count{{device="{device}",model="embed"') >= 1
+            assert server.metric(f'st_npu_batch_requests_count{{device="{device}",model="{tiny_cls}"') >= 1
         assert_error(post(server, "/rerank", {"query": "q", "texts": ["x"]}), "/rerank", 424, "needs a reranker")
         embedder = TextEmbeddingsInference(model_name="tiny", base_url=server.url, auth_token=API_KEY)
         np.testing.assert_allclose(embedder.get_text_embedding_batch(TEXTS), reference.encode(TEXTS), atol=1e-5,
@@ -465,7 +467,7 @@ def test_a_reranker_on_an_emulated_npu_answers_the_cohere_client(tiny_ce, refere
         assert server.http.get("/info").json()["devices"] == ["npu:1"]
         expected = reference_ce.predict([(QUERY, document) for document in DOCUMENTS])
         response = cohere.Client(base_url=server.url, api_key=API_KEY).rerank(
-            model="m", query=QUERY, documents=DOCUMENTS, top_n=2)
+            model=str(tiny_ce), query=QUERY, documents=DOCUMENTS, top_n=2)
         assert [r.index for r in response.results] == list(np.argsort(-expected)[:2])
         np.testing.assert_allclose([r.relevance_score for r in response.results], np.sort(expected)[::-1][:2],
                                    atol=1e-5, rtol=0)

@@ -1,13 +1,15 @@
-"""``st-npu bench-serve``: load test, the batching server against one-at-a-time, on 127.0.0.1."""
+"""``st-npu bench-serve``: load test on 127.0.0.1, the batching server against one-at-a-time; with several named
+models, each model alone against all of them sharing one server under mixed load."""
 
 from __future__ import annotations
 
 import argparse
 
-from st_npu.commands.serve import add_server_arguments, device_list
+from st_npu.commands.serve import add_server_arguments, model_entries
 from st_npu.commands.options import positive_int
+from st_npu.serve.deployment import is_named
 
-HELP = "load test: the batching server against one-at-a-time"
+HELP = "load test: the batching server against one-at-a-time, or several models alone against together"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from st_npu.serve import require_serve_stack
 
-    device_list(args)  # a bad --devices is a usage error before any server starts
+    entries = model_entries(args)  # bad model options are a usage error before any server starts
+    mixed = args.deployment or sum(map(is_named, args.model or [])) > 1
     require_serve_stack()
     from st_npu.evaluation.bench_serve import run_bench_serve
 
-    return run_bench_serve(args)
+    return run_bench_serve(args, entries if mixed else None)

@@ -37,6 +37,16 @@ class ModelEntry:
     max_batch_size: int | None = None
     routed: bool = True  # has its own /models/{name}/ routes (a name that is a path, from the old flags, has none)
 
+    def option(self) -> str:
+        """The entry as one ``--model`` value (what ``bench-serve`` gives the servers it starts)."""
+        pieces = [f"{self.name}={self.path}"]
+        if self.devices != (None,):
+            pieces.append("devices=" + ",".join(str(device) for device in self.devices))
+        for key in ("kind", "dtype", "spec", "max_batch_tokens", "max_batch_size"):
+            if getattr(self, key) is not None:
+                pieces.append(f"{key}={getattr(self, key)}")
+        return ",".join(pieces)
+
 
 def is_named(text: str) -> bool:
     """Whether a ``--model`` value is ``name=path,...`` rather than a bare folder or hub id."""
