@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 import st_npu.serve
 from st_npu.cli import main
 from st_npu.errors import UsageError
-from st_npu.serve.batcher import Batcher, Job, QueueFull
+from st_npu.serve.batcher import Batcher, DeadlineExceeded, Job, QueueFull
 
 TIMEOUT_S = 30
 
@@ -213,3 +214,45 @@ def test_torch_threads_are_shared_by_the_cpu_workers_within_the_owned_cores(monk
         assert serve.size_threads(cpu_workers=1, tokenization_workers=3) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_request_past_its_deadline_never_reaches_the_model_and_one_on_the_device_finishes():
+    model = FakeModel()
+    model.release.clear()
+    batcher = Batcher([model], 16384, 1, 100)
+    first, late, gone, kept = job(["first"]), job(["late"]), job(["gone"]), job(["kept"])
+    first.deadline = late.deadline = time.perf_counter() + TIMEOUT_S
+    futures = [batcher.submit(each) for each in (first, late, gone, kept)]
+    batcher.start()
+    try:
+        assert model.entered.wait(TIMEOUT_S)  # "first" is on the device
+        assert not batcher.expire(first)  # too late to drop: it finishes
+        assert batcher.expire(gone)  # dropped by the route, at its deadline
+        late.deadline = time.perf_counter() - 1  # passed while it waited: the worker drops it
+        model.release.set()
+        assert futures[0].result(TIMEOUT_S)[0][0] == 5 and futures[3].result(TIMEOUT_S)[0][0] == 4
+        for future in futures[1:3]:
+            with pytest.raises(DeadlineExceeded):
+                future.result(TIMEOUT_S)
+    finally:
+        model.release.set()
+        batcher.close()
+    assert [texts for texts, *_ in model.calls] == [["first"], ["kept"]]
+
+
+def test_a_failed_warm_up_refuses_requests_and_says_why():
+    class Broken(FakeModel):
+        def encode(self, texts, **kwargs):
+            if texts == ["warm-up"]:
+                raise RuntimeError("no kernel for this shape")
+            return super().encode(texts, **kwargs)
+
+    batcher = Batcher([Broken()], 16384, 64, 100)
+    waiting = batcher.submit(job(["queued before the warm-up failed"]))
+    batcher.start()
+    with pytest.raises(QueueFull, match="warm-up: RuntimeError: no kernel"):
+        waiting.result(TIMEOUT_S)
+    assert not batcher.ready and "no kernel" in str(batcher.failure)
+    with pytest.raises(QueueFull, match="failed its warm-up"):
+        batcher.submit(job(["after"]))
+    batcher.close()

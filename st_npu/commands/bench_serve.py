@@ -24,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from st_npu.serve import require_serve_stack
 
+    require_serve_stack()
     entries = model_entries(args)  # bad model options are a usage error before any server starts
     mixed = args.deployment or sum(map(is_named, args.model or [])) > 1
-    require_serve_stack()
     from st_npu.evaluation.bench_serve import run_bench_serve
 
     return run_bench_serve(args, entries if mixed else None)

@@ -197,8 +197,8 @@ def run(args: argparse.Namespace) -> NoReturn:
     --graceful-timeout, and exit the process with 0."""
     from st_npu.serve import require_serve_stack
 
-    entries = model_entries(args)
     require_serve_stack()
+    entries = model_entries(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text per call: threads belong to the workers
     import uvicorn
 

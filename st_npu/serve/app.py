@@ -202,7 +202,7 @@ def create_app(served: list[Served], metrics: Any, settings: Settings) -> Any:
         try:
             future = item.batcher.submit(job)
         except QueueFull as exc:
-            status = 503 if "shutting down" in str(exc) else 429
+            status = 503 if item.batcher.failure is not None or "shutting down" in str(exc) else 429
             raise ApiError(status, f"{exc}; retry later", kind="overloaded" if status == 429 else "unhealthy") from None
         metrics.count("te_predict_count" if item.kind == "rerank" else "te_embed_count", item.name,
                       amount=len(job.rows))
@@ -507,9 +507,11 @@ def create_app(served: list[Served], metrics: Any, settings: Settings) -> Any:
         async def probe() -> Response:
             if all(item.batcher.ready for item in scope.models):
                 return json_response({"status": "ok"})
+            failed = [f"{item.name} failed its warm-up ({type(item.batcher.failure).__name__}: "
+                      f"{item.batcher.failure})" for item in scope.models if item.batcher.failure is not None]
             cold = ", ".join(item.name for item in scope.models if not item.batcher.ready)
-            return error_response("/health", ApiError(503, f"warming up (compiling the static shapes): {cold}",
-                                                      kind="unhealthy"))
+            message = "; ".join(failed) if failed else f"warming up (compiling the static shapes): {cold}"
+            return error_response("/health", ApiError(503, message, kind="unhealthy"))
         return probe
 
     def info(scope: Scope) -> Callable[[], Any]:

@@ -31,6 +31,15 @@ from st_npu.engine import ShapePolicy, engine_of
 from st_npu.errors import InvalidValueError
 
 
+_warmup_locks: dict[str, threading.Lock] = {}  # one per device: models sharing a device warm up one after another
+_warmup_locks_guard = threading.Lock()
+
+
+def _warmup_lock(device: Any) -> threading.Lock:
+    with _warmup_locks_guard:
+        return _warmup_locks.setdefault(str(device), threading.Lock())
+
+
 class QueueFull(Exception):
     """More requests are queued or computing than ``max_concurrent_requests`` allows, or the server is stopping."""
 
@@ -96,6 +105,7 @@ class Batcher:
         self._condition = threading.Condition()
         self._closing = False
         self._warm = [threading.Event() for _ in models]
+        self.failure: BaseException | None = None  # a warm-up that failed: this model answers nothing
         self._threads = [threading.Thread(target=self._work, args=(index,), name=f"st_npu-{kind}-{model.device}",
                                           daemon=True) for index, model in enumerate(models)]
 
@@ -107,7 +117,7 @@ class Batcher:
 
     @property
     def ready(self) -> bool:
-        return all(event.is_set() for event in self._warm)
+        return self.failure is None and all(event.is_set() for event in self._warm)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, let each worker finish its batch, and cancel what never reached a device.
@@ -116,23 +126,29 @@ class Batcher:
         while one still computes)."""
         with self._condition:
             self._closing = True
-            dropped, self._pending = list(self._pending), deque()
             self._condition.notify_all()
-        for job in dropped:
-            with self._condition:
-                job.abandoned = True
-                job.error = job.error or QueueFull("the server stopped before this request reached a device")
-                if job.finished == job.taken:
-                    self._fail(job)
+        self._drop_pending(QueueFull("the server stopped before this request reached a device"))
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
+    def _drop_pending(self, error: BaseException) -> None:
+        with self._condition:
+            dropped, self._pending = list(self._pending), deque()
+        for job in dropped:
+            with self._condition:
+                job.abandoned = True
+                job.error = job.error or error
+                if job.finished == job.taken:
+                    self._fail(job)
+
     # --- requests -----------------------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> Future:
         with self._condition:
+            if self.failure is not None:
+                raise QueueFull(f"this model failed its warm-up: {type(self.failure).__name__}: {self.failure}")
             if self._closing:
                 raise QueueFull("the server is shutting down")
             if self._admitted >= self.max_concurrent_requests:
@@ -195,7 +211,13 @@ class Batcher:
 
     def _work(self, index: int) -> None:
         model = self.models[index]
-        self._warmup(model)
+        try:
+            with _warmup_lock(model.device):  # a device captures one graph at a time
+                self._warmup(model)
+        except Exception as exc:  # /health names it; requests to this model are refused (503)
+            self.failure = exc
+            self._drop_pending(QueueFull(f"the model failed its warm-up: {type(exc).__name__}: {exc}"))
+            return
         self._warm[index].set()
         while True:
             batch = self._next_batch()
