@@ -1,9 +1,11 @@
-"""The server behind ``st-npu serve``: an embedder and/or a reranker behind text-embeddings-inference's, OpenAI's
-and Cohere's (Jina's) APIs.
+"""The server behind ``st-npu serve``: embedders, rerankers and sparse encoders, any number in one process
+(:mod:`~st_npu.serve.deployment`), behind text-embeddings-inference's, OpenAI's and Cohere's (Jina's) APIs.
 
-Requests are checked (:mod:`~st_npu.serve.protocol`), tokenised once at admission (:mod:`~st_npu.serve.tokens`)
-and gathered into batches of static shapes (:mod:`~st_npu.serve.batcher`), one model per device, behind an ASGI
-gate for the payload limit and the API key (:mod:`~st_npu.serve.gate`). Needs the ``serve`` extra (FastAPI,
+Requests are routed to their model and checked (:mod:`~st_npu.serve.app`, :mod:`~st_npu.serve.protocol`),
+tokenised once at admission (:mod:`~st_npu.serve.tokens`) and gathered into batches of static shapes
+(:mod:`~st_npu.serve.batcher`), one batcher per model and one model copy per device, behind an ASGI gate for the
+payload limit and the API key (:mod:`~st_npu.serve.gate`); metrics in st_npu's and TEI's names
+(:mod:`~st_npu.serve.metrics`). Needs the ``serve`` extra (FastAPI,
 uvicorn, prometheus-client, httpx), imported only on first use.
 """
 
