@@ -62,14 +62,15 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads tokenising requests (default: half the cores this process owns, 1 to 4)")
     parser.add_argument("--served-model-name", help="the one-model form's name, which /info and /v1/models give and "
                                                     "OpenAI/Cohere clients send as 'model' (default: --model as given)")
-    parser.add_argument("--request-timeout", type=_seconds, default=None,
-                        help="seconds a request may wait for a device; past it, a request none of whose texts reached "
-                             "a device is dropped and answered 504 (default: none). A request's own "
-                             "'x-request-timeout: SECONDS' header overrides it")
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
+    parser.add_argument("--request-timeout", type=_deadline, default=None,
+                        help="seconds a request may wait for a device; past it, a request none of whose texts reached "
+                             "a device is dropped and answered 504 (default: none). A request's own "
+                             "'x-request-timeout: SECONDS' header overrides it")
     parser.add_argument("--api-key", help="refuse requests without 'Authorization: Bearer <key>' (401)")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     parser.add_argument("--one-at-a-time", action="store_true",
@@ -87,6 +88,13 @@ def _seconds(text: str) -> float:
         value = -1.0
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def _deadline(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds (leave it out for no deadline)")
     return value
 
 
