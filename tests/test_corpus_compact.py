@@ -111,7 +111,7 @@ class _FakeIndex:
 
 
 def readme_faiss_snippet() -> str:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "corpus.md").read_text(encoding="utf-8")
     section = readme[readme.index("Into FAISS"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 

@@ -27,7 +27,7 @@ def write_texts(path: Path, texts: list[str] = TEXTS) -> Path:
 
 
 def readme_loading_snippet() -> str:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "corpus.md").read_text(encoding="utf-8")
     section = readme[readme.index("Loading the shards"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
