@@ -79,6 +79,11 @@ def hf_transformer(model: Any) -> Any | None:
     return first
 
 
+def reads_prompt_length(model: Any) -> bool:
+    """Whether a module reads the features' ``prompt_length`` (stock's Pooling with ``include_prompt=False``)."""
+    return any(getattr(module, "include_prompt", True) is False for module in model)
+
+
 def _accepts(function: Any, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
