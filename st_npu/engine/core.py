@@ -367,6 +367,12 @@ class Engine:
         full, short = self.sample_input(tokens), self.sample_input(min(tokens, 3))
         batch = [full] * (rows - 1) + [short] if rows > 1 else [full]
         features = type(self.model).preprocess(self.model, batch)
+        # A bucket below the shortest input the model can be given (a chat template's own tokens) still gets its
+        # shape: the sample is cut to it, keeping the end a left-padded model reads.
+        cut = slice(-tokens, None) if self.left else slice(0, tokens)
+        for key, value in features.items():
+            if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[1] > tokens:
+                features[key] = value[:, cut]
         return pad(features, (rows, tokens), self.pad_id, self.left)[0]
 
     def __getstate__(self) -> dict[str, Any]:  # a pool pickles the model, and with it its engine
