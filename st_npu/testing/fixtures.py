@@ -264,15 +264,18 @@ def _save_tokenizer(tokenizer: object, folder: Path) -> None:
 def _qwen3_config(tokenizer: object, **overrides: object) -> object:
     import transformers
 
-    return transformers.Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
-                                    max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, **overrides)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 16, "intermediate_size": 64, **overrides}
+    return transformers.Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    tie_word_embeddings=True, **shape)
 
 
-def qwen3_embedder_folder(folder: Path, padding_side: str = "left", seed: int = 0) -> Path:
+def qwen3_embedder_folder(folder: Path, padding_side: str = "left", seed: int = 0, hidden_size: int = 32,
+                          sentence_transformers_files: bool = True) -> Path:
     """Qwen3-Embedding's shape: a (tiny) Qwen3 decoder, left padding, <|endoftext|> appended, last-token pooling,
-    Normalize, its ``Instruct: ...\nQuery:`` query prompt; random weights."""
+    Normalize, its ``Instruct: ... Query:`` query prompt; random weights. Without ``sentence_transformers_files``
+    only the transformer's files (a known model's spec then says the rest)."""
     import torch
     import transformers
 
@@ -280,9 +283,11 @@ def qwen3_embedder_folder(folder: Path, padding_side: str = "left", seed: int = 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = _qwen_tokenizer(append_eos=True, padding_side=padding_side)
-    transformers.Qwen3Model(_qwen3_config(tokenizer)).eval().save_pretrained(folder, safe_serialization=True)
+    config = _qwen3_config(tokenizer, hidden_size=hidden_size)
+    transformers.Qwen3Model(config).eval().save_pretrained(folder, safe_serialization=True)
     _save_tokenizer(tokenizer, folder)
-    _sentence_transformers_files(folder, 32, "lasttoken", 512, prompts=QWEN3_EMBEDDING_PROMPTS)
+    if sentence_transformers_files:
+        _sentence_transformers_files(folder, hidden_size, "lasttoken", 512, prompts=QWEN3_EMBEDDING_PROMPTS)
     return folder
 
 
