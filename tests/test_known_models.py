@@ -47,6 +47,8 @@ def test_qwen3_reranker_gets_its_model_card_template_and_stock_keeps_its_own(rer
     ours = st_npu.CrossEncoder(reranker_folder, device="cpu")
     assert ours.model_spec["name"] == "Qwen/Qwen3-Reranker-0.6B"
     assert _rendered(ours, query, document) == QWEN3_RERANKER_CARD.format(query=query, document=document)
+    own = ours.preprocess([(query, document)], processing_kwargs={"chat_template": {"instruction": "Find code"}})
+    assert "<Instruct>: Find code\n<Query>" in ours.tokenizer.decode(own["input_ids"][0])
     stock = sentence_transformers.CrossEncoder(str(reranker_folder), device="cpu")
     assert "<|im_start|>query" in _rendered(stock, query, document)  # ChatML filled with the pair's roles
     with st_npu.patch():  # the patch scores as stock would

@@ -97,13 +97,16 @@ def recognise_spec(folder: Path, model_id: str | None, config: dict[str, Any]) -
 
 
 def is_reranker(folder: str | os.PathLike) -> bool:
-    """Whether a model folder holds a cross-encoder (its ``config.json`` names a sequence-classification model), which
-    ``st-npu verify`` and ``st-npu bench`` then check as a reranker."""
+    """Whether a model folder holds a cross-encoder, which ``st-npu verify`` and ``st-npu bench`` then check as a
+    reranker: its ``config.json`` names a sequence-classification model, or a causal LM with no ``modules.json`` (as
+    Qwen3-Reranker's; stock ``CrossEncoder`` scores it with ``LogitScore``, while Qwen3-Embedding's causal-LM config
+    comes with its embedder's ``modules.json``)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         return False
-    architectures = read_json(path).get("architectures") or []
-    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+    architectures = [str(name) for name in read_json(path).get("architectures") or []]
+    causal_lm = any(name.endswith("ForCausalLM") for name in architectures) and not (Path(folder) / "modules.json").exists()
+    return causal_lm or any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
 def recognise_model(model: Any, *names: str | None, reranker: bool = False) -> dict[str, Any] | None:
