@@ -4,6 +4,8 @@ the hub folder lacks, and a folder's own sentence-transformers files win (issue 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import shutil
 
 import numpy as np
@@ -50,7 +52,7 @@ def test_qwen3_reranker_gets_its_model_card_template_and_stock_keeps_its_own(rer
     own = ours.preprocess([(query, document)], processing_kwargs={"chat_template": {"instruction": "Find code"}})
     assert "<Instruct>: Find code\n<Query>" in ours.tokenizer.decode(own["input_ids"][0])
     stock = sentence_transformers.CrossEncoder(str(reranker_folder), device="cpu")
-    assert "<|im_start|>query" in _rendered(stock, query, document)  # ChatML filled with the pair's roles
+    assert _rendered(stock, query, document) != _rendered(ours, query, document)  # stock: the tokenizer's own
     with st_npu.patch():  # the patch scores as stock would
         patched = sentence_transformers.CrossEncoder(str(reranker_folder), device="cpu")
     assert _rendered(patched, query, document) == _rendered(stock, query, document)
@@ -85,7 +87,16 @@ def test_qwen3_embedding_folder_without_sentence_transformers_files_is_built_fro
 def test_bge_large_zh_gets_its_query_instruction_and_a_folder_prompt_wins(tmp_path):
     folder = fixtures.bert_folder(tmp_path / "bge-large-zh-v1.5")
     model = st_npu.SentenceTransformer(folder, device="cpu")
-    assert model.prompts["query"] == "为这个句子生成表示以用于检索相关文章：" and model.prompts["document"] == ""
+    assert model.prompts["query"] == "为这个句子生成表示以用于检索相关文章："
+    assert model.prompts["document"] == ""
     config = json.loads((folder / "config_sentence_transformers.json").read_text())
     (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": {"query": "Q: "}}))
     assert st_npu.SentenceTransformer(folder, device="cpu").prompts["query"] == "Q: "
+
+
+def test_fixture_shapes_are_listed_without_importing_torch():
+    code = ("import sys\nfrom st_npu.testing import fixtures\ntry:\n    fixtures.main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split()[-2:] == ["False", "False"]
+    assert all(name in result.stdout for name in fixtures.SHAPES)

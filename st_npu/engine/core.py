@@ -10,8 +10,9 @@ What every accelerated model gets, whichever door it came through:
 - the input check (:mod:`.checks`) and a known model's per-prompt length limit (llm-embedder: 256-token queries);
 - one tokenisation per call, bucket groups and compile-free tails (:mod:`.tokens`, :mod:`.grouping`);
 - static shapes where they pay (:mod:`.static_shapes`; on by default on npu), bool SDPA masks on npu that keep the
-  model's own attention (:mod:`.attention`, from the model's family: :mod:`.family`), captured graphs where the device can capture (:mod:`.graphs`), the next batches prepared on a
-  host thread while the device computes (:mod:`.overlap`), out-of-memory backoff (:mod:`.oom`).
+  model's own attention (:mod:`.attention`, from the model's family: :mod:`.family`), captured graphs where the
+  device can capture (:mod:`.graphs`), the next batches prepared on a host thread while the device computes
+  (:mod:`.overlap`), out-of-memory backoff (:mod:`.oom`).
 A model whose first module is not a Hugging Face transformer (StaticEmbedding, WordEmbeddings, a Router) has nothing
 to bucket: ``accelerate`` leaves it to stock's path and says so at debug level.
 """

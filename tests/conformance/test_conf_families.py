@@ -61,7 +61,8 @@ def test_after_warmup_each_batch_is_one_replay_and_nothing_compiles(models, shap
                                                                              static_shapes=POLICY)
     lm_head_rows = []
     if reranker:  # every path, graph capture included, computes the LM head at the last position only
-        model[0].auto_model.lm_head.register_forward_hook(lambda module, args, out: lm_head_rows.append(args[0].shape[1]))
+        head = model[0].auto_model.lm_head
+        head.register_forward_hook(lambda module, args, out: lm_head_rows.append(args[0].shape[1]))
     model.warmup(batch_size=4, show_progress_bar=False)
     emulation.reset_counters()
     if reranker:
