@@ -79,6 +79,11 @@ def hf_transformer(model: Any) -> Any | None:
     return first
 
 
+def reads_prompt_length(model: Any) -> bool:
+    """Whether a module reads the features' ``prompt_length`` (stock's Pooling with ``include_prompt=False``)."""
+    return any(getattr(module, "include_prompt", True) is False for module in model)
+
+
 def _accepts(function: Any, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
@@ -101,10 +106,22 @@ def stock_version() -> str:
     return sentence_transformers.__version__
 
 
-def new_transformer(folder: str, max_seq_length: int, do_lower_case: bool, model_kwargs: dict | None) -> Any:
-    """A Transformer module built from arguments rather than a ``sentence_bert_config.json``."""
+def new_transformer(folder: str, max_seq_length: int, do_lower_case: bool, model_kwargs: dict | None,
+                    padding_side: str | None = None) -> Any:
+    """A Transformer module built from arguments rather than a ``sentence_bert_config.json``; ``padding_side``: the
+    side its tokenizer pads (a known decoder's, e.g. Qwen3-Embedding's left), else the tokenizer's own."""
     kwarg = "model_kwargs" if _accepts(Transformer.__init__, "model_kwargs") else "model_args"
-    return Transformer(folder, max_seq_length=max_seq_length, do_lower_case=do_lower_case, **{kwarg: model_kwargs or {}})
+    tokenizer_kwarg = "processor_kwargs" if _accepts(Transformer.__init__, "processor_kwargs") else "tokenizer_args"
+    extra: dict[str, Any] = {tokenizer_kwarg: {"padding_side": padding_side}} if padding_side else {}
+    try:  # 5.4+: a tokenizer with a chat template would add the message modality; an embedder reads plain text
+        from sentence_transformers.base.modules.transformer import TRANSFORMER_TASK_DEFAULTS
+    except ImportError:  # pragma: no cover - releases before modalities
+        pass
+    else:
+        modality_config, output_name = TRANSFORMER_TASK_DEFAULTS["feature-extraction"]
+        extra.update(modality_config={"text": dict(modality_config["text"])}, module_output_name=output_name)
+    return Transformer(folder, max_seq_length=max_seq_length, do_lower_case=do_lower_case,
+                       **{kwarg: model_kwargs or {}}, **extra)
 
 
 def new_pooling(dimension: int, mode: str) -> Any:

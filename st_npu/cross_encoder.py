@@ -4,6 +4,12 @@ A true subclass of ``sentence_transformers.CrossEncoder``: stock loads the model
 files); st_npu chooses and checks the device first, casts to the dtype, and hands the model to the engine
 (:func:`st_npu.engine.accelerate`), so ``predict`` and ``rank`` get what embedders get: pairs tokenised once and run
 in sequence-bucket groups, static shapes, bool SDPA masks and captured graphs on npu, out-of-memory backoff.
+
+A known reranker (``configs/models``, recognised by its hub id or folder name) whose spec gives a prompt template
+gets it as its chat template, unless the model already has one that names the ``query`` role (a folder saved for
+sentence-transformers, or the caller's ``processor_kwargs={"chat_template": ...}``): Qwen3-Reranker then scores as
+its model card says, rather than through the ChatML template its tokenizer ships, which stock fills with the pair.
+``st_npu.patch()`` leaves stock's formatting alone, as stock would score.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from st_npu import _compat
 from st_npu.accelerated import AcceleratedModel
 from st_npu.engine import Options, ShapePolicy, accelerate
+from st_npu.loading.folder import recognise_model
 from st_npu.runtime.devices import check_dtype_supported, resolve_device, resolve_dtype
 
 
@@ -46,6 +53,10 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
         torch_dtype = resolve_dtype(dtype)
         check_dtype_supported(torch_device, torch_dtype)
         super().__init__(str(model_name_or_path), device=str(torch_device), **stock_kwargs)
+        self.model_spec = recognise_model(self, str(model_name_or_path), reranker=True)
+        template = (self.model_spec or {}).get("chat_template")
+        if template and "query" not in (getattr(self.tokenizer, "chat_template", None) or ""):
+            self.tokenizer.chat_template = template
         if torch_dtype is not None:
             self.to(torch_dtype)
         accelerate(self, Options(static_shapes, graphs, overlap))

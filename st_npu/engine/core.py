@@ -9,9 +9,10 @@ attention masks, and ``_input_length`` (the order stock sorts a call's inputs in
 What every accelerated model gets, whichever door it came through:
 - the input check (:mod:`.checks`) and a known model's per-prompt length limit (llm-embedder: 256-token queries);
 - one tokenisation per call, bucket groups and compile-free tails (:mod:`.tokens`, :mod:`.grouping`);
-- static shapes where they pay (:mod:`.static_shapes`; on by default on npu), bool SDPA masks on npu
-  (:mod:`.attention`), captured graphs where the device can capture (:mod:`.graphs`), the next batches prepared on a
-  host thread while the device computes (:mod:`.overlap`), out-of-memory backoff (:mod:`.oom`).
+- static shapes where they pay (:mod:`.static_shapes`; on by default on npu), bool SDPA masks on npu that keep the
+  model's own attention (:mod:`.attention`, from the model's family: :mod:`.family`), captured graphs where the
+  device can capture (:mod:`.graphs`), the next batches prepared on a host thread while the device computes
+  (:mod:`.overlap`), out-of-memory backoff (:mod:`.oom`).
 A model whose first module is not a Hugging Face transformer (StaticEmbedding, WordEmbeddings, a Router) has nothing
 to bucket: ``accelerate`` leaves it to stock's path and says so at debug level.
 """
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from st_npu import _compat
-from st_npu.engine import attention, checks, context, grouping
+from st_npu.engine import attention, checks, context, family, grouping
 from st_npu.engine.context import Call
 from st_npu.engine.graphs import GraphRunner
 from st_npu.engine.oom import Backoff
@@ -81,14 +82,13 @@ class Engine:
         self.buckets = static if isinstance(static, ShapePolicy) else ShapePolicy()
         self.signature = _compat.entry_signature(model, kind)
         self.inputs_name = list(self.signature.parameters)[1]
-        tokenizer = model.tokenizer
-        self.left = getattr(tokenizer, "padding_side", "right") == "left"  # where padding goes, as the tokenizer pads
-        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.family = family.learn(model)
+        self.left, self.pad_id = self.family.left, self.family.pad_id  # where padding goes and with which id
         self.prefetch = options.overlap if options.overlap is not None else device.type != "cpu"
         self.last_prefetch = {"hits": 0, "misses": 0}
         self.backoff = Backoff()
         self.graphs = self._graph_runner(options.graphs)
-        self.hooks = attention.enable(model) if device.type == "npu" else []
+        self.hooks = attention.enable(model, self.family) if device.type == "npu" else []
         self._shadowed = {kind.entry: self.entry, "preprocess": self.preprocess, "forward": self.forward,
                           "_input_length": self.input_length, ATTRIBUTE: self}
         model.__dict__.update(self._shadowed)
@@ -368,6 +368,12 @@ class Engine:
         full, short = self.sample_input(tokens), self.sample_input(min(tokens, 3))
         batch = [full] * (rows - 1) + [short] if rows > 1 else [full]
         features = type(self.model).preprocess(self.model, batch)
+        # A bucket below the shortest input the model can be given (a chat template's own tokens) still gets its
+        # shape: the sample is cut to it, keeping the end a left-padded model reads.
+        cut = slice(-tokens, None) if self.left else slice(0, tokens)
+        for key, value in features.items():
+            if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[1] > tokens:
+                features[key] = value[:, cut]
         return pad(features, (rows, tokens), self.pad_id, self.left)[0]
 
     def __getstate__(self) -> dict[str, Any]:  # a pool pickles the model, and with it its engine

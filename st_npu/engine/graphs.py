@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from st_npu import _compat
 from st_npu.engine.context import Batch
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class _Captured:
     inputs: dict[str, torch.Tensor]  # views of ``block``: the static inputs the graph reads
     output: torch.Tensor  # the row output the graph writes; the next replay of any graph may overwrite it
     constants: dict[str, Any]  # outputs that are not tensors
+    settings: dict[str, Any]  # inputs that are not tensors (a causal LM's logits_to_keep): the graph was made with them
 
 
 class GraphRunner:
@@ -59,6 +61,8 @@ class GraphRunner:
     def __init__(self, model: Any, row_output: str) -> None:
         self.model = model
         self.row_output = row_output
+        # A prompt's length changes nothing in a graph unless a module leaves the prompt out of its pooling.
+        self.unread = frozenset() if _compat.reads_prompt_length(model) else frozenset({"prompt_length"})
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.failed: str | None = None
         self.lock = threading.Lock()
@@ -68,7 +72,7 @@ class GraphRunner:
         buffer's views. The graph is then held, and recorded on ``batch`` (so that any error before its replay can
         release it), until ``replay`` or ``release``; nothing happens when no graph has this shape and layout."""
         captured = self.graphs.get(_shape(features))
-        if captured is None or _layout(features) != captured.layout:
+        if captured is None or _layout(features) != captured.layout or self._settings(features) != captured.settings:
             return
         packed = _pack(features, captured.layout)
         self.lock.acquire()
@@ -126,12 +130,14 @@ class GraphRunner:
         packed = _pack(features, layout)
         block = packed.to(self.model.device)
         inputs = _views(block, layout)
+        # The settings go in too: a causal LM's logits_to_keep keeps its LM head at the last position in the graph.
+        settings = self._settings(features)
         forward = type(self.model).forward
-        forward(self.model, dict(inputs))  # compile every operator before capture, as torch_npu's docs advise
+        forward(self.model, {**settings, **inputs})  # compile every operator before capture, as torch_npu's docs advise
         graph = graph_class()
         # thread_local: a server's other device threads keep allocating while this one captures.
         with graph_context(graph, pool=pool, capture_error_mode="thread_local"):
-            output = forward(self.model, dict(inputs))
+            output = forward(self.model, {**settings, **inputs})
         rows = output.get(self.row_output)
         if not _is_tensor(rows):
             raise RuntimeError(f"the model's forward returns no {self.row_output} tensor")
@@ -140,10 +146,14 @@ class GraphRunner:
         block.copy_(packed)  # compile the copies in and out too
         graph.replay()
         rows.to("cpu")
-        return _Captured(graph, layout, block, inputs, rows, constants)
+        return _Captured(graph, layout, block, inputs, rows, constants, settings)
+
+    def _settings(self, features: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in features.items() if not _is_tensor(value) and key not in self.unread}
 
     def __getstate__(self) -> dict[str, Any]:  # graphs stay in their process; a pool worker runs eagerly
-        return {"model": self.model, "row_output": self.row_output, "graphs": {}, "failed": self.failed}
+        return {"model": self.model, "row_output": self.row_output, "unread": self.unread, "graphs": {},
+                "failed": self.failed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

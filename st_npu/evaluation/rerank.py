@@ -60,12 +60,21 @@ def verify_reranker(model_name_or_path: str, device: str | None, dtype: str | No
 
     workload = workload or rerank_workload()
     pairs = pairs_of(workload)
-    reference = sentence_transformers.CrossEncoder(str(model_name_or_path), device="cpu").predict(
-        pairs, show_progress_bar=False)
     model = CrossEncoder(model_name_or_path, device=device, dtype=dtype)
+    stock = _same_template(sentence_transformers.CrossEncoder(str(model_name_or_path), device="cpu"), model)
+    reference = stock.predict(pairs, show_progress_bar=False)
     target = model.predict(pairs, show_progress_bar=False)
     return {"model": str(model_name_or_path), "device": str(model.device), "dtype": str(dtype or "float32"),
             **compare_scores(reference, target, len(workload[0][1]))}
+
+
+def _same_template(stock: Any, ours: Any) -> Any:
+    """Stock given the chat template st_npu gave a known reranker (Qwen3-Reranker's prompt template), so that both
+    score the same inputs."""
+    template = getattr(ours.tokenizer, "chat_template", None)
+    if template is not None and template != getattr(stock.tokenizer, "chat_template", None):
+        stock.tokenizer.chat_template = template
+    return stock
 
 
 def bench_reranker(model_name_or_path: str, device: str | None, dtype: str | None, batch_sizes: Sequence[int],
@@ -79,7 +88,7 @@ def bench_reranker(model_name_or_path: str, device: str | None, dtype: str | Non
 
     pairs = pairs_of(workload or rerank_workload())
     ours = CrossEncoder(model_name_or_path, device=device, dtype=dtype)
-    stock = sentence_transformers.CrossEncoder(str(model_name_or_path), device=str(ours.device))
+    stock = _same_template(sentence_transformers.CrossEncoder(str(model_name_or_path), device=str(ours.device)), ours)
     engine = engine_of(ours)
     if engine is not None and engine.policy is not None:
         engine.warmup(max(batch_sizes), show_progress_bar=False)

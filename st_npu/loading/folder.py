@@ -76,12 +76,14 @@ def known_specs() -> list[dict[str, Any]]:
     return [load_config(f"models/{path.name}") for path in sorted((CONFIG_DIR / "models").glob("*.json"))]
 
 
-def find_spec(*names: str | None) -> dict[str, Any] | None:
-    """The known-model spec whose name or alias matches one of ``names`` (ids, folder names), if any."""
+def find_spec(*names: str | None, reranker: bool = False) -> dict[str, Any] | None:
+    """The known-model spec whose name or alias matches one of ``names`` (ids, folder names), if any: an embedder's,
+    or with ``reranker`` a reranker's (``"reranker": true`` in its spec)."""
     wanted = {name.strip().rstrip("/\\").lower() for name in names if name}
     wanted |= {Path(name).name for name in wanted}
     for spec in known_specs():
-        if wanted & {alias.lower() for alias in (spec["name"], *spec.get("aliases", ()))}:
+        if bool(spec.get("reranker")) == reranker and wanted & {alias.lower()
+                                                               for alias in (spec["name"], *spec.get("aliases", ()))}:
             return spec
     return None
 
@@ -95,28 +97,34 @@ def recognise_spec(folder: Path, model_id: str | None, config: dict[str, Any]) -
 
 
 def is_reranker(folder: str | os.PathLike) -> bool:
-    """Whether a model folder holds a cross-encoder (its ``config.json`` names a sequence-classification model), which
-    ``st-npu verify`` and ``st-npu bench`` then check as a reranker."""
+    """Whether a model folder holds a cross-encoder, which ``st-npu verify`` and ``st-npu bench`` then check as a
+    reranker: its ``config.json`` names a sequence-classification model, or a causal LM with no ``modules.json`` (as
+    Qwen3-Reranker's; stock ``CrossEncoder`` scores it with ``LogitScore``, while Qwen3-Embedding's causal-LM config
+    comes with its embedder's ``modules.json``)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         return False
-    architectures = read_json(path).get("architectures") or []
-    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+    architectures = [str(name) for name in read_json(path).get("architectures") or []]
+    causal_lm = any(name.endswith("ForCausalLM") for name in architectures)
+    causal_lm = causal_lm and not (Path(folder) / "modules.json").exists()
+    return causal_lm or any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
-def recognise_model(model: Any) -> dict[str, Any] | None:
-    """The known model a loaded model is, from where its transformer was loaded (for models stock built)."""
+def recognise_model(model: Any, *names: str | None, reranker: bool = False) -> dict[str, Any] | None:
+    """The known model a loaded model is, from ``names`` (the id it was asked for) and where its transformer was
+    loaded from (for models stock built)."""
     from st_npu import _compat
 
     source = _compat.name_or_path(model)
-    return find_spec(source, *(part.removeprefix("models--") for part in Path(source).parts[-4:])) if source else None
+    parts = [part.removeprefix("models--") for part in Path(source).parts[-4:]] if source else []
+    return find_spec(*names, source, *parts, reranker=reranker)
 
 
 def resembled_spec(config: dict[str, Any], pooling_modes: list[str], normalize: bool) -> dict[str, Any] | None:
     """A known model whose architecture and pooling this folder has, though nothing names it."""
     for spec in known_specs():
         architecture = spec["architecture"]
-        if (config.get("model_type") == architecture["model_type"]
+        if (not spec.get("reranker") and config.get("model_type") == architecture["model_type"]
                 and config.get("hidden_size") == architecture["hidden_size"]
                 and config.get("num_hidden_layers") == architecture.get("num_hidden_layers")
                 and pooling_modes == [spec["pooling_mode"]] and normalize == spec["normalize"]):

@@ -23,7 +23,8 @@ def stock_arguments(plan: ModelPlan, stock_kwargs: dict[str, Any]) -> tuple[str 
         return str(plan.folder), kwargs
     spec = plan.spec
     modules = [
-        _compat.new_transformer(str(plan.folder), spec["max_seq_length"], spec["do_lower_case"], kwargs.get("model_kwargs")),
+        _compat.new_transformer(str(plan.folder), spec["max_seq_length"], spec["do_lower_case"], kwargs.get("model_kwargs"),
+                                spec.get("padding_side")),
         _compat.new_pooling(plan.hidden_size, spec["pooling_mode"]),
     ]
     kwargs["modules"] = modules + ([_compat.Normalize()] if spec["normalize"] else [])

