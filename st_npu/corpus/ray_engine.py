@@ -143,7 +143,11 @@ def run_ray(address: str | None, actors: int | None, run: Any) -> None:
         saved = run.state["shards"]
         plans = [{"plan": pickle.dumps(plan), "saved": json.dumps(saved.get(f"{plan.index:05d}"))}
                  for plan in plan_shards(counts, shard_size)]
-        progress = ray.remote(Progress).options(num_cpus=0).remote()
+        # Beside the driver, which outlives any other node of the job; restarted should its node go all the same.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        near = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        progress = ray.remote(Progress).options(num_cpus=0, max_restarts=-1, scheduling_strategy=near).remote()
         report_ids = run.unique_ids and run.fields.id is not None
         dataset = ray.data.from_items(plans, override_num_blocks=len(plans)).map_batches(
             ShardWriter, fn_constructor_args=(run.settings, run.fields, run.skip_empty, run.skip_bad_rows,
@@ -208,7 +212,11 @@ class _ProgressPoller:
             self._move()
 
     def _move(self) -> None:
-        for rows in self.ray.get(self.progress.take.remote()):
+        try:
+            reports = self.ray.get(self.progress.take.remote())
+        except self.ray.exceptions.RayError:  # the progress actor is being restarted: the bar is only a display
+            return
+        for rows in reports:
             with self.lock:
                 self.run.bar.update(rows)
 
