@@ -162,3 +162,18 @@ def test_wrong_endpoint_and_missing_buckets_are_one_line_errors_before_the_model
     assert result.returncode == 2
     assert result.stderr.strip().startswith("st-npu embed-corpus: error: s3://missing/out: ")
     assert len(result.stderr.strip().splitlines()) == 1 and CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stderr
+
+
+def test_info_lists_the_filesystems_this_pyarrow_reaches(monkeypatch):
+    import pyarrow.fs
+
+    from st_npu.runtime import doctor
+
+    assert doctor.filesystems()["s3"].startswith("yes: s3:// (AWS S3, Huawei OBS, MinIO")
+    # A pyarrow built without S3 (as some conda builds are) says so on import, as pyarrow.fs does for it.
+    monkeypatch.delattr(pyarrow.fs, "S3FileSystem")
+    monkeypatch.setattr(pyarrow.fs, "_not_imported", [*pyarrow.fs._not_imported, "S3FileSystem"])
+    report = doctor.collect()
+    assert report["filesystems"]["s3"] == "no: this pyarrow build has no support for it"
+    assert report["filesystems"]["gs"].startswith("yes") and "hdfs" in report["filesystems"]
+    assert "  s3                   no: this pyarrow build" in doctor.format_report(report)

@@ -54,7 +54,8 @@ class Location:
         return posixpath.splitext(self.name)[1].lower()
 
     def child(self, relative: str) -> Location:
-        return Location(self.filesystem, f"{self.path.rstrip('/')}/{relative}", f"{self.uri.rstrip('/')}/{relative}")
+        shown = f"{self.uri.rstrip('/')}/{relative}" if self.uri else relative  # a glob relative to the working folder
+        return Location(self.filesystem, f"{self.path.rstrip('/')}/{relative}", shown)
 
     def __str__(self) -> str:
         return self.uri
