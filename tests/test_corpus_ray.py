@@ -18,6 +18,7 @@ import pytest
 
 from conftest import needs_emulator
 from s3_server import CREDENTIALS, s3  # noqa: F401 - s3 is the server fixture
+from test_corpus_fixes import _RecordingBar
 
 ray = pytest.importorskip("ray", reason='the Ray engine needs Ray: pip install "st-npu[ray]"')
 pytest.importorskip("pyarrow", reason='the corpus job needs pyarrow: pip install "st-npu[corpus]"')
@@ -188,28 +189,6 @@ def test_a_bad_row_stops_the_ray_job_naming_file_and_line(cluster, tiny_cls, tmp
     source.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(InputError, match=r"in.jsonl: line 2: has no field 'text'"):
         embed_corpus(tiny_cls, source, tmp_path / "out", engine="ray", progress=False)
-
-
-class _RecordingBar:
-    """Stands in for tqdm: keeps the total and every update (the driver's progress thread makes them)."""
-
-    bars: list = []
-
-    def __init__(self, total=None, **kwargs):
-        self.total, self.updates = total, []
-        _RecordingBar.bars.append(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, rows):
-        self.updates.append(rows)
-
-    def set_postfix_str(self, text, refresh=True):
-        pass
 
 
 def test_a_bucket_in_and_another_out_equal_a_local_run_and_the_bar_moves_by_batch(cluster, tiny_cls, s3, tmp_path,
