@@ -137,8 +137,9 @@ def test_a_killed_job_rerun_leaves_exactly_the_objects_of_an_uninterrupted_run(t
 
 def _finished_shards(s3, prefix: str) -> int:
     try:
-        return len(json.loads(s3.objects(prefix).get("_manifest.json", b"{}")).get("shards", {}))
-    except json.JSONDecodeError:
+        with s3.filesystem().open_input_stream(f"{prefix}/_manifest.json") as handle:
+            return len(json.loads(handle.read())["shards"])
+    except FileNotFoundError:
         return 0
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,9 +24,11 @@ from st_npu.corpus.encoder import ModelSettings, ShardEncoder
 from st_npu.corpus.reader import Fields, Shard, fingerprint, input_files, pyarrow_modules, row_count, shards
 from st_npu.corpus.shards import CALIBRATION_ROWS, OUTPUT_DTYPES, RANGED, ShardFormat, ranges_of, shard_holds
 from st_npu.corpus.storage import Location
-from st_npu.corpus.workers import Done, run_here, run_processes
 from st_npu.errors import UsageError
 from st_npu.loading.fingerprint import model_identity
+
+if TYPE_CHECKING:
+    from st_npu.corpus.workers import Done
 
 DEFAULT_SHARD_SIZE = 10_000
 REJECTS = "_rejects.jsonl"
@@ -187,6 +189,9 @@ class _Run:
         return self._summary(time.perf_counter() - started)
 
     def _run_local(self, devices: list[str | None]) -> None:
+        # Imported here: the workers import torch, which a job answered from its manifest never needs.
+        from st_npu.corpus.workers import run_here, run_processes
+
         encoder = ShardEncoder(self.settings, devices[0]) if len(devices) == 1 else None
         if self.output_dtype in RANGED and self.state["ranges"] is None:
             sample = next(shards(self.files, self.fields, CALIBRATION_ROWS, True, True, False)).texts

@@ -34,7 +34,6 @@ from st_npu.corpus.reader import (Fields, MissingExtra, ShardPlan, count_file, d
                                   read_shard)
 from st_npu.corpus.shards import CALIBRATION_ROWS, RANGED, ShardFormat, ShardRecord, ranges_of, shard_holds
 from st_npu.corpus.storage import Location
-from st_npu.corpus.workers import Done, embed_shard
 from st_npu.files.inputs import InputError
 
 RAY_HINT = 'the Ray engine needs Ray Data: pip install "st-npu[ray]"'
@@ -112,6 +111,8 @@ class ShardWriter:
                 if self.progress is not None:
                     self.progress.start.remote(plan.index)
                     on_rows = lambda rows, index=plan.index: self.progress.add.remote(index, rows)  # noqa: E731
+                from st_npu.corpus.workers import embed_shard
+
                 done = embed_shard(self.encoder, shard, self.folder, self.form, on_rows)
                 result.update(record=done.record.to_json(), device=done.device, seconds=done.seconds,
                               threads=done.threads)
@@ -249,6 +250,8 @@ def _record(run: Any, result: dict[str, Any]) -> None:
         run.skipped(result["rows"])
         return
     actor["shards"] += 1
+    from st_npu.corpus.workers import Done
+
     done = Done(ShardRecord(**result["record"]), f"ray {result['device']} of {result['host']}:{result['pid']}",
                 result["seconds"], None, result["threads"])
     run.done(done)

@@ -83,7 +83,10 @@ def locate(target: str | os.PathLike[str] | Location, options: Mapping[str, str]
     try:
         filesystem, path = FileSystem.from_uri(urlunsplit(parts._replace(query=query)))
     except Exception as exc:  # ArrowInvalid for an unknown option, OSError for a missing libhdfs or bad endpoint
-        raise StorageError(f"{shown}: {reason(exc)}") from None
+        said = reason(exc)
+        if parts.password:  # a message quoting the URI must not show a secret given in it
+            said = said.replace(parts.password, "***")
+        raise StorageError(f"{shown}: {said}") from None
     return Location(filesystem, path, shown)
 
 
