@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,7 +128,9 @@ def test_a_killed_job_rerun_leaves_exactly_the_objects_of_an_uninterrupted_run(t
     upload(s3, "vectors/killed/.st-npu-tmp-0123456789ab-part-00003.parquet", b"PAR1 half")
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"shards:    20 ({20 - finished} done now, {finished} already done)" in rerun.stdout
+    # The server may still complete the killed job's last request (a manifest copy), so count what the rerun found.
+    done_now, already = map(int, re.search(r"shards: +20 \((\d+) done now, (\d+) already done\)", rerun.stdout).groups())
+    assert done_now + already == 20 and finished <= already < 20
     killed = s3.objects("vectors/killed")
     assert sorted(killed) == sorted(whole)
     assert {name: data for name, data in killed.items() if name.startswith("part-")} == \
