@@ -1,10 +1,11 @@
-"""What a new user hit in `st-npu embed-corpus` (issue 19): README's loading snippet, the progress bar, resume with
+"""What a new user hit in `st-npu embed-corpus` (issue 19): the docs' loading snippets, the progress bar, resume with
 another batch size, duplicate ids (and, in test_corpus_extras.py, no pyarrow)."""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,14 @@ def write_texts(path: Path, texts: list[str] = TEXTS) -> Path:
     return path
 
 
-def readme_loading_snippet() -> str:
-    readme = (REPO / "docs" / "corpus.md").read_text(encoding="utf-8")
-    section = readme[readme.index("Loading the shards"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def loading_snippets() -> list[str]:
+    """The code of docs/corpus.md's "Loading the shards": with pyarrow alone, then with pandas and polars."""
+    page = (REPO / "docs" / "corpus.md").read_text(encoding="utf-8")
+    section = page[page.index("## Loading the shards"):]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[:2]
 
 
-def test_readme_loading_snippet_works_as_written(tiny_cls, tmp_path, monkeypatch):
-    pytest.importorskip("pandas", reason="the snippet loads with pandas too")
-    pytest.importorskip("polars", reason='the snippet loads with polars too: pip install "st-npu[test]"')
+def test_the_loading_snippets_work_as_written(tiny_cls, tmp_path, monkeypatch):
     source = write_texts(tmp_path / "in.txt", TEXTS[:50])
     # A rejects file beside the shards too: the readers must skip it as they skip the manifest.
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:49]) + "{bad\n")
@@ -42,10 +42,18 @@ def test_readme_loading_snippet_works_as_written(tiny_cls, tmp_path, monkeypatch
                  on_bad_row="skip", progress=False)
     assert {path.name for path in (tmp_path / "passages.emb").iterdir()} >= {"_manifest.json", "_rejects.jsonl"}
     monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(readme_loading_snippet(), scope)  # noqa: S102 - README's code, as a user would paste it
+    pyarrow_only, with_frames = loading_snippets()
+    # The first needs only what st-npu[corpus] installs: pandas and polars cannot be imported while it runs.
+    with monkeypatch.context() as bare:
+        bare.setitem(sys.modules, "pandas", None)
+        bare.setitem(sys.modules, "polars", None)
+        scope: dict = {}
+        exec(pyarrow_only, scope)  # noqa: S102 - the docs' code, as a user would paste it
     assert scope["ids"] == list(range(49))
     assert scope["vectors"].shape == (49, 32) and scope["vectors"].dtype == np.float32
+    pytest.importorskip("pandas", reason="the second snippet loads with pandas")
+    pytest.importorskip("polars", reason='the second snippet loads with polars: pip install "st-npu[test]"')
+    exec(with_frames, scope)  # noqa: S102
     assert len(scope["frame"]) == 49 and scope["frame"]["id"].tolist() == list(range(49))
     assert scope["pl_frame"].height == 49 and scope["pl_frame"]["id"].to_list() == list(range(49))
     del source

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from st_npu.corpus import reader  # noqa: E402
 from st_npu.corpus.reader import Fields, count_file, plan_shards, read_shard, shards  # noqa: E402
+from st_npu.corpus.storage import locate  # noqa: E402
 
 
 @pytest.mark.parametrize("shard_size", [1, 4, 10, 33, 1000])
@@ -25,9 +26,9 @@ def test_planned_shards_read_in_place_equal_the_streamed_shards(tmp_path, monkey
     lines = [json.dumps({"text": f"json {index}"}) for index in range(8)] + ["{broken"]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "d.csv").write_text("text,n\n" + "".join(f'"csv, {index}",{index}\n' for index in range(12)))
-    files = sorted(tmp_path.iterdir())
+    files = [locate(path) for path in sorted(tmp_path.iterdir())]
     fields = Fields("text")
-    counts = [count_file(str(path), fields) for path in files]
+    counts = [count_file(path, fields) for path in files]
     assert [count.rows for count in counts] == [23, 50, 9, 12]
     assert counts[0].checkpoints[1] == sum(len(text) + 1 for text in texts[:5])
     streamed = list(shards(files, fields, shard_size, skip_empty=True, skip_bad_rows=True))

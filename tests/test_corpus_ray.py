@@ -1,6 +1,7 @@
 """The Ray engine on a local two-node Ray cluster (loopback only), each node with one emulated NPU: equal to the
 local engine, shards written by the actors (not the driver), one model load per actor, a killed actor and a
-removed node costing no row."""
+removed node costing no row, input and output on an S3 server (moto, loopback), a progress bar moving by batch,
+duplicate ids refused."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import numpy as np
 import pytest
 
 from conftest import needs_emulator
+from s3_server import CREDENTIALS, s3  # noqa: F401 - s3 is the server fixture
+from test_corpus_fixes import _RecordingBar
 
 ray = pytest.importorskip("ray", reason='the Ray engine needs Ray: pip install "st-npu[ray]"')
 pytest.importorskip("pyarrow", reason='the corpus job needs pyarrow: pip install "st-npu[corpus]"')
+import pyarrow  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
@@ -45,7 +49,7 @@ def cluster():
     cluster.add_node(**NODE)
     ray.init(address=cluster.address, log_to_driver=False,
              runtime_env={"env_vars": {"ST_NPU_EMULATE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                       "OMP_NUM_THREADS": "1"}})
+                                       "OMP_NUM_THREADS": "1", **CREDENTIALS}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield cluster
     ray.shutdown()
@@ -185,3 +189,50 @@ def test_a_bad_row_stops_the_ray_job_naming_file_and_line(cluster, tiny_cls, tmp
     source.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(InputError, match=r"in.jsonl: line 2: has no field 'text'"):
         embed_corpus(tiny_cls, source, tmp_path / "out", engine="ray", progress=False)
+
+
+def test_a_bucket_in_and_another_out_equal_a_local_run_and_the_bar_moves_by_batch(cluster, tiny_cls, s3, tmp_path,
+                                                                                  monkeypatch):
+    source = tmp_path / "in"
+    source.mkdir()
+    texts = _corpus(tmp_path / "texts.txt", 200).read_text().splitlines()
+    (source / "a.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts[:120]))
+    pq.write_table(pyarrow.table({"text": texts[120:]}), source / "b.parquet", row_group_size=16)
+    filesystem = s3.filesystem()
+    for path in source.iterdir():
+        with filesystem.open_output_stream(f"corpus/ray/{path.name}") as handle:
+            handle.write(path.read_bytes())
+    settings = {"shard_size": 50, "batch_size": 8, "max_seq_length": 32}
+    embed_corpus(tiny_cls, source, tmp_path / "local", devices=["cpu"], progress=False, **settings)
+    monkeypatch.setattr("tqdm.auto.tqdm", _RecordingBar)
+    summary = embed_corpus(tiny_cls, "s3://corpus/ray", "s3://vectors/ray", engine="ray", storage_options=s3.options,
+                           **settings)
+    assert summary["embedded"] == 200 and len(summary["actors"]) >= 1
+    objects = s3.objects("vectors/ray")
+    assert sorted(objects) == ["_manifest.json", *(f"part-{index:05d}.parquet" for index in range(4))]
+    table = pq.read_table("vectors/ray", filesystem=filesystem)
+    expected = pq.read_table(tmp_path / "local")
+    assert table.column("id").to_pylist() == expected.column("id").to_pylist() == list(range(200))
+    np.testing.assert_allclose(*(np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+                                 for t in (table, expected)), atol=1e-6)
+    manifests = [json.loads(objects["_manifest.json"]), json.loads((tmp_path / "local" / "_manifest.json").read_text())]
+    for key in ("settings", "model_identity", "input", "model"):
+        assert manifests[0][key] == manifests[1][key]
+    # The actors' vectors (on the emulated npu) equal the CPU's to 1e-6, not to the bit: checksums may differ.
+    assert [(s["start"], s["end"], s["count"]) for s in manifests[0]["shards"].values()] == \
+        [(s["start"], s["end"], s["count"]) for s in manifests[1]["shards"].values()]
+    # 50-row shards embedded 32 rows at a time (4 batches of 8): two moves per shard, reported by the actors.
+    bar = _RecordingBar.bars[-1]
+    moves = [rows for rows in bar.updates if rows > 0]
+    assert bar.total == 200 and sum(bar.updates) == 200 and len(moves) >= 2 * 4 and max(moves) == 32
+
+
+def test_a_duplicate_id_stops_the_ray_job_naming_both_rows(cluster, tiny_cls, tmp_path):
+    from st_npu.files.inputs import InputError
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"doc": f"d{7 if row == 120 else row}", "text": f"text {row}"}) + "\n"
+                              for row in range(150)))
+    with pytest.raises(InputError, match=r"in.jsonl: line 121: id 'd7' is also the id of row 7 .*this is row 120"):
+        embed_corpus(tiny_cls, source, tmp_path / "out", engine="ray", id_field="doc", shard_size=100,
+                     max_seq_length=32, progress=False)

@@ -13,8 +13,14 @@ HELP = "embed a whole corpus into resumable Parquet shards, on every local NPU o
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("input", help="a .txt, .jsonl, .parquet, .csv or .tsv file, a folder of them, or a glob")
-    parser.add_argument("--output", required=True, help="folder for part-NNNNN.parquet shards and _manifest.json")
+    parser.add_argument("input", help="a .txt, .jsonl, .parquet, .csv or .tsv file, a folder of them, or a glob; a "
+                                      "path or a URI (s3://bucket/prefix, gs://, hdfs://, file://)")
+    parser.add_argument("--output", required=True, help="folder (path or URI) for part-NNNNN.parquet shards and "
+                                                        "_manifest.json")
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="an option of the object store, for input and output URIs (repeatable), e.g. "
+                             "endpoint_override=obs.cn-north-4.myhuaweicloud.com for Huawei OBS or MinIO; "
+                             "credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
     parser.add_argument("--devices", help="comma-separated, e.g. npu:0,npu:3 (default: every local NPU)")
     parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="field or column of the text")
     parser.add_argument("--id-field", help="field or column of each row's id (default: the row number)")

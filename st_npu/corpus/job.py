@@ -1,5 +1,7 @@
-"""A corpus job from end to end: check the input and the output folder, resume from the manifest, hand the shards
-that are not done yet to an engine (local worker processes, or Ray), record each finished shard, and summarise.
+"""A corpus job from end to end: check the input and the output folder (on disk or on a store, reachable and
+writable before any model loads), resume from the manifest (a complete job is answered from it, without loading
+the model), hand the shards that are not done yet to an engine (local worker processes, or Ray), record each
+finished shard, and summarise.
 """
 
 from __future__ import annotations
@@ -9,21 +11,24 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from st_npu.corpus import manifest as manifests
+from st_npu.corpus import storage
 from st_npu.corpus.encoder import ModelSettings, ShardEncoder
 from st_npu.corpus.reader import Fields, Shard, fingerprint, input_files, pyarrow_modules, row_count, shards
 from st_npu.corpus.shards import CALIBRATION_ROWS, OUTPUT_DTYPES, RANGED, ShardFormat, ranges_of, shard_holds
-from st_npu.corpus.workers import Done, run_here, run_processes
+from st_npu.corpus.storage import Location
 from st_npu.errors import UsageError
-from st_npu.files.outputs import atomic_file
 from st_npu.loading.fingerprint import model_identity
+
+if TYPE_CHECKING:
+    from st_npu.corpus.workers import Done
 
 DEFAULT_SHARD_SIZE = 10_000
 REJECTS = "_rejects.jsonl"
@@ -40,11 +45,13 @@ def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], o
                  skip_empty: bool = False, on_bad_row: str = "error", on_duplicate_id: str = "error",
                  shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, engine: str = "local",
                  ray_address: str | None = None, ray_actors: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 storage_options: Mapping[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Embed every row of ``input`` into Parquet shards under ``output``; returns the job's summary.
 
     ``model`` is a model folder or hub id (each worker loads its own copy). ``devices``: every local NPU by
-    default (else st_npu's automatic choice), or a list such as ``["npu:0", "npu:3"]``. ``output_dtype`` int8 or
+    default (else st_npu's automatic choice), or a list such as ``["npu:0", "npu:3"]``. ``input`` and ``output`` are
+    paths or URIs (``s3://bucket/prefix``, ``gs://``, ``hdfs://``, ``file://``); ``storage_options`` (such as
+    ``{"endpoint_override": "obs.example.com"}``) go to the store of each URI. ``output_dtype`` int8 or
     uint8 quantises with ``int8_ranges`` (a (2, dimension) array of minima and maxima) or, without them, the ranges
     of the input's first rows; either way the manifest keeps them. Rerunning the same call resumes; a call that
     differs in model, settings or input is refused unless ``overwrite``.
@@ -62,7 +69,9 @@ def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], o
         raise UsageError(f"int8_ranges are for output dtype int8 or uint8, not {output_dtype}")
     from st_npu.loading.folder import resolve_model_path
 
-    files = input_files(input)
+    source, folder = storage.locate(input, storage_options), storage.locate(output, storage_options)
+    files = input_files(source)
+    storage.prepare_folder(folder)
     fields = Fields(text_field, id_field, tuple(keep))
     settings = ModelSettings(str(model), dtype, spec, prompt_name, max_seq_length, batch_size, truncate_dim)
     ranges = _given_ranges(int8_ranges)
@@ -74,8 +83,12 @@ def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], o
         "model_identity": model_identity(resolve_model_path(str(model)), {"name": spec} if spec else None),
         "input": fingerprint(files),
     }
-    folder = _prepare_output(Path(output), job, overwrite)
-    state = manifests.load(folder) or {**job, "model": None, "ranges": ranges, "shards": {}, "complete": False}
+    saved = _prepare_output(folder, job, overwrite)
+    if saved is not None and saved.get("complete") and all(shard_holds(folder, shard)
+                                                           for shard in saved["shards"].values()):
+        storage.remove_temporaries(folder)
+        return _finished_summary(saved, folder)
+    state = saved or {**job, "model": None, "ranges": ranges, "shards": {}, "complete": False}
     state.update(settings=job["settings"], complete=False, input_rows=None, rejects=0)
     run = _Run(folder, state, files, fields, settings, skip_empty, on_bad_row == "skip", on_duplicate_id == "error",
                progress)
@@ -92,20 +105,32 @@ def _given_ranges(ranges: Any) -> list[list[float]] | None:
     return array.tolist()
 
 
-def _prepare_output(folder: Path, job: dict[str, Any], overwrite: bool) -> Path:
-    saved = manifests.load(folder) if folder.is_dir() else None
+def _prepare_output(folder: Location, job: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of the job to resume, or None to start; a folder holding anything else is refused."""
+    saved = manifests.load(folder)
+    names = [name for name in storage.files_under(folder) if not name.startswith(storage.TEMPORARY)]
     if saved is not None and overwrite:
-        for path in [*folder.glob("part-*.parquet"), folder / REJECTS, folder / manifests.NAME]:
-            path.unlink(missing_ok=True)
-    elif saved is not None:
+        for name in names:
+            if name in (REJECTS, manifests.NAME) or (name.startswith("part-") and name.endswith(".parquet")):
+                storage.delete(folder.child(name))
+        return None
+    if saved is not None:
         differences = manifests.differences(saved, job)
         if differences:
             raise UsageError(f"{folder} holds the output of another job ({'; '.join(differences)}); use another "
                              f"--output folder, or --overwrite to start over")
-    elif folder.is_dir() and any(folder.iterdir()):
+    elif names:
         raise UsageError(f"{folder} is not empty and has no {manifests.NAME}: choose an empty or new --output folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return saved
+
+
+def _finished_summary(saved: dict[str, Any], folder: Location) -> dict[str, Any]:
+    """The summary of a job the manifest records as complete, every shard there with its checksum."""
+    records = saved["shards"].values()
+    left_out = sum(record["end"] - record["start"] - record["count"] for record in records)
+    return {"rows": saved["input_rows"], "embedded": 0, "empty_skipped": left_out - saved["rejects"],
+            "rejects": saved["rejects"], "shards_done": 0, "shards_skipped": len(records), "shards": len(records),
+            "seconds": 0.0, "rows_per_s": None, "devices": {}, "output": str(folder)}
 
 
 def _devices(devices: Sequence[str] | None) -> list[str | None]:
@@ -125,7 +150,7 @@ def _devices(devices: Sequence[str] | None) -> list[str | None]:
 class _Run:
     """One execution: feeds the engine the shards still to do, records what it finishes, counts for the summary."""
 
-    def __init__(self, folder: Path, state: dict[str, Any], files: list[Path], fields: Fields,
+    def __init__(self, folder: Location, state: dict[str, Any], files: list[Location], fields: Fields,
                  settings: ModelSettings, skip_empty: bool, skip_bad_rows: bool, unique_ids: bool,
                  progress: bool) -> None:
         self.folder, self.state, self.files, self.fields, self.settings = folder, state, files, fields, settings
@@ -147,7 +172,8 @@ class _Run:
 
         started = time.perf_counter()
         with ExitStack() as stack:
-            self.rejects = stack.enter_context(atomic_file(self.folder / REJECTS)) if self.skip_bad_rows else None
+            self.rejects = (stack.enter_context(storage.atomic_write(self.folder.child(REJECTS)))
+                            if self.skip_bad_rows else None)
             # The rate counts only rows embedded now: a finished shard found on resume lowers the total instead.
             self.bar = stack.enter_context(tqdm(total=None if engine == "ray" else row_count(self.files), unit="row",
                                                 disable=not self.progress, desc="embed-corpus", smoothing=0.1))
@@ -159,9 +185,13 @@ class _Run:
                 self._run_local(devices)
         self.state.update(complete=True, input_rows=self.counts["rows"], rejects=self.counts["rejects"])
         manifests.save(self.folder, self.state)
+        storage.remove_temporaries(self.folder)  # what a killed run left: the objects are those of one whole run
         return self._summary(time.perf_counter() - started)
 
     def _run_local(self, devices: list[str | None]) -> None:
+        # Imported here: the workers import torch, which a job answered from its manifest never needs.
+        from st_npu.corpus.workers import run_here, run_processes
+
         encoder = ShardEncoder(self.settings, devices[0]) if len(devices) == 1 else None
         if self.output_dtype in RANGED and self.state["ranges"] is None:
             sample = next(shards(self.files, self.fields, CALIBRATION_ROWS, True, True, False)).texts
@@ -220,7 +250,7 @@ class _Run:
                              f"{description['dimension']}")
         self.state["model"] = description
 
-    def done(self, done: Done, rows_reported: bool = True) -> None:
+    def done(self, done: Done) -> None:
         record = done.record
         self.state["shards"][f"{record.index:05d}"] = record.to_json()
         manifests.save(self.folder, self.state)
@@ -233,7 +263,7 @@ class _Run:
         device["seconds"] += done.seconds
         device["ops"] = done.ops
         # Embedded rows moved the bar as their batches finished; the shard's blanks and rejects move it now.
-        self.bar.update(record.end - record.start - (record.count if rows_reported else 0))
+        self.bar.update(record.end - record.start - record.count)
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         for device in self.per_device.values():
@@ -262,6 +292,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _storage_options(given: Sequence[str] | None) -> dict[str, str]:
+    """``--storage-option KEY=VALUE``, as often as needed."""
+    options = {}
+    for option in given or ():
+        key, equals, value = option.partition("=")
+        if not equals or not key:
+            raise UsageError(f"--storage-option {option!r}: expected KEY=VALUE, e.g. endpoint_override=obs.example.com")
+        options[key] = value
+    return options
+
+
 def run_embed_corpus(args: argparse.Namespace) -> int:
     """``st-npu embed-corpus``: 0 when every row is embedded (or rejected with --on-bad-row skip)."""
     if args.device and args.devices:
@@ -276,7 +317,8 @@ def run_embed_corpus(args: argparse.Namespace) -> int:
                            skip_empty=args.skip_empty, on_bad_row=args.on_bad_row,
                            on_duplicate_id=args.on_duplicate_id, shard_size=args.shard_size,
                            overwrite=args.overwrite, engine=args.engine, ray_address=args.ray_address,
-                           ray_actors=args.ray_actors, progress=sys.stderr.isatty() or args.progress)
+                           ray_actors=args.ray_actors, storage_options=_storage_options(args.storage_option),
+                           progress=sys.stderr.isatty() or args.progress)
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

@@ -9,12 +9,12 @@ pandas, polars, Spark) skip the file when they read the folder as one dataset.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from st_npu.corpus import storage
+from st_npu.corpus.storage import Location
 from st_npu.errors import InvalidValueError
 from st_npu.loading.fingerprint import identity_differences
-from st_npu.files.outputs import atomic_file
 
 FORMAT = "st-npu-corpus/2"
 NAME = "_manifest.json"
@@ -22,12 +22,12 @@ NAME = "_manifest.json"
 MAY_CHANGE = ("model", "batch_size")
 
 
-def load(folder: Path) -> dict[str, Any] | None:
-    path = folder / NAME
-    if not path.is_file():
+def load(folder: Location) -> dict[str, Any] | None:
+    path = folder.child(NAME)
+    if not storage.is_file(path):
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidValueError(f"{path} is damaged ({exc}); rerun with --overwrite to start over") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -35,10 +35,9 @@ def load(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def save(folder: Path, manifest: dict[str, Any]) -> None:
+def save(folder: Location, manifest: dict[str, Any]) -> None:
     manifest["shards"] = dict(sorted(manifest["shards"].items()))
-    with atomic_file(folder / NAME) as handle:
-        handle.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8") + b"\n")
+    storage.write_bytes(folder.child(NAME), json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8") + b"\n")
 
 
 def differences(saved: dict[str, Any], job: dict[str, Any]) -> list[str]:

@@ -5,8 +5,11 @@ lines of a text file, a CSV parse), cuts the same shards as the local engine fro
 Data a dataset of shard plans. One actor pool, alive for the whole job (``ActorPoolStrategy(min_size,
 max_size)``, ``resources={"NPU": 1}`` each), takes them: each actor loads and warms its model once, then per
 shard reads its rows from the input, embeds them and writes the Parquet shard straight to the output folder
-(which every node must see: shared storage). The driver gets back each shard's record (row range, count,
-checksum) and writes the manifest, as the local engine does. Ray detects Ascend NPUs as the resource ``"NPU"``
+(which every node must reach: an object store such as S3/OBS/MinIO, HDFS, or a shared file system; each
+actor gets the job's pyarrow filesystems). The driver gets back each shard's record (row range, count,
+checksum, and its ids when ids must be unique: the driver checks them as the local engine does, never reading a
+text) and writes the manifest, as the local engine does. Actors report rows to a small progress actor as
+batches finish, so the driver's bar moves by batch. Ray detects Ascend NPUs as the resource ``"NPU"``
 and sets ``ASCEND_RT_VISIBLE_DEVICES`` for each actor, so an actor's NPU is ``npu:0``. Ray restarts an actor that
 dies and retries its shard, so a lost actor or node costs time, not rows; a shard written twice is the same file.
 
@@ -20,19 +23,21 @@ import json
 import os
 import pickle
 import socket
-from pathlib import Path
+import threading
 from typing import Any
 
 import numpy as np
 
 from st_npu.corpus import encoder as encoders
 from st_npu.corpus.encoder import ModelSettings, ShardEncoder
-from st_npu.corpus.reader import Fields, MissingExtra, ShardPlan, count_file, plan_shards, read_shard
+from st_npu.corpus.reader import (Fields, MissingExtra, ShardPlan, count_file, duplicate_id, place, plan_shards,
+                                  read_shard)
 from st_npu.corpus.shards import CALIBRATION_ROWS, RANGED, ShardFormat, ShardRecord, ranges_of, shard_holds
-from st_npu.corpus.workers import Done, embed_shard
+from st_npu.corpus.storage import Location
 from st_npu.files.inputs import InputError
 
 RAY_HINT = 'the Ray engine needs Ray Data: pip install "st-npu[ray]"'
+PROGRESS_POLL_S = 0.2
 
 
 def import_ray() -> Any:
@@ -73,13 +78,13 @@ def embed_dataset(dataset: Any, settings: ModelSettings, *, text_column: str = "
 class ShardWriter:
     """The callable class of the job's actor pool: reads, embeds and writes whole shards, returns their records."""
 
-    def __init__(self, settings: ModelSettings, fields: Fields, skip_empty: bool, skip_bad_rows: bool, folder: str,
-                 form: ShardFormat) -> None:
+    def __init__(self, settings: ModelSettings, fields: Fields, skip_empty: bool, skip_bad_rows: bool,
+                 folder: Location, form: ShardFormat, progress: Any = None, report_ids: bool = False) -> None:
         import ray
 
         self.encoder = ShardEncoder(settings, None)
         self.fields, self.skip_empty, self.skip_bad_rows = fields, skip_empty, skip_bad_rows
-        self.folder, self.form = Path(folder), form
+        self.folder, self.form, self.progress, self.report_ids = folder, form, progress, report_ids
         context = ray.get_runtime_context()
         self.where = {"actor": context.get_actor_id(), "node": context.get_node_id(), "host": socket.gethostname(),
                       "pid": os.getpid()}
@@ -96,11 +101,19 @@ class ShardWriter:
             result = {"index": plan.index, "rows": plan.end - plan.start, "empty_skipped": shard.empty_skipped,
                       "rejects": [(reject.row, reject.where, reject.reason) for reject in shard.rejects],
                       "model": self.encoder.describe(), "loads": encoders.loads, **self.where}
+            if self.report_ids:
+                result["ids"] = list(zip(shard.rows, shard.ids))
             saved = json.loads(saved)
             if saved is not None and shard_holds(self.folder, saved):
                 result["skipped"] = True
             else:
-                done = embed_shard(self.encoder, shard, self.folder, self.form)
+                on_rows = None
+                if self.progress is not None:
+                    self.progress.start.remote(plan.index)
+                    on_rows = lambda rows, index=plan.index: self.progress.add.remote(index, rows)  # noqa: E731
+                from st_npu.corpus.workers import embed_shard
+
+                done = embed_shard(self.encoder, shard, self.folder, self.form, on_rows)
                 result.update(record=done.record.to_json(), device=done.device, seconds=done.seconds,
                               threads=done.threads)
             results.append(json.dumps(result))
@@ -120,7 +133,7 @@ def run_ray(address: str | None, actors: int | None, run: Any) -> None:
         options = {"num_cpus": _cpus_per_actor(ray, actors), "resources": {"NPU": 1} if npus else None}
         shard_size = run.state["settings"]["shard_size"]
         count = ray.remote(count_file).options(num_cpus=options["num_cpus"])
-        counts = ray.get([count.remote(str(path.resolve()), run.fields) for path in run.files])
+        counts = ray.get([count.remote(path, run.fields) for path in run.files])
         run.bar.total = sum(file.rows for file in counts)
         if run.output_dtype in RANGED and run.state["ranges"] is None:
             plan = plan_shards(counts, CALIBRATION_ROWS)[0]
@@ -131,16 +144,91 @@ def run_ray(address: str | None, actors: int | None, run: Any) -> None:
         saved = run.state["shards"]
         plans = [{"plan": pickle.dumps(plan), "saved": json.dumps(saved.get(f"{plan.index:05d}"))}
                  for plan in plan_shards(counts, shard_size)]
+        # Beside the driver, which outlives any other node of the job; restarted should its node go all the same.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        near = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        progress = ray.remote(Progress).options(num_cpus=0, max_restarts=-1, scheduling_strategy=near).remote()
+        report_ids = run.unique_ids and run.fields.id is not None
         dataset = ray.data.from_items(plans, override_num_blocks=len(plans)).map_batches(
             ShardWriter, fn_constructor_args=(run.settings, run.fields, run.skip_empty, run.skip_bad_rows,
-                                              str(run.folder.resolve()), run.shard_format),
+                                              run.folder, run.shard_format, progress, report_ids),
             compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors), batch_size=1, batch_format="numpy",
             **options)
-        for row in dataset.iter_rows():
-            _record(run, json.loads(row["result"]))
+        first_rows: dict[Any, int] = {}
+        with _ProgressPoller(ray, progress, run) as poller:
+            for row in dataset.iter_rows():
+                result = json.loads(row["result"])
+                if report_ids:
+                    _check_ids(counts, first_rows, result)
+                with poller.lock:
+                    _record(run, result)
     finally:
         if started_here:
             ray.shutdown()
+
+
+class Progress:
+    """The Ray actor that collects the rows actors embed, batch by batch, for the driver to take as they come."""
+
+    def __init__(self) -> None:
+        self.reports: list[int] = []
+        self.shard_rows: dict[int, int] = {}
+
+    def start(self, index: int) -> None:
+        # A shard begun again (its first actor died) takes back the rows it had reported.
+        again = self.shard_rows.pop(index, 0)
+        if again:
+            self.reports.append(-again)
+
+    def add(self, index: int, rows: int) -> None:
+        self.shard_rows[index] = self.shard_rows.get(index, 0) + rows
+        self.reports.append(rows)
+
+    def take(self) -> list[int]:
+        reports, self.reports = self.reports, []
+        return reports
+
+
+class _ProgressPoller:
+    """A driver thread that moves the bar by each report of the progress actor, until the job ends."""
+
+    def __init__(self, ray: Any, progress: Any, run: Any) -> None:
+        self.ray, self.progress, self.run = ray, progress, run
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="st-npu-ray-progress", daemon=True)
+
+    def __enter__(self) -> _ProgressPoller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        if exc[0] is None:
+            self._move()  # the last batches' reports
+
+    def _poll(self) -> None:
+        while not self.stop.wait(PROGRESS_POLL_S):
+            self._move()
+
+    def _move(self) -> None:
+        try:
+            reports = self.ray.get(self.progress.take.remote())
+        except self.ray.exceptions.RayError:  # the progress actor is being restarted: the bar is only a display
+            return
+        for rows in reports:
+            with self.lock:
+                self.run.bar.update(rows)
+
+
+def _check_ids(counts: list[Any], first_rows: dict[Any, int], result: dict[str, Any]) -> None:
+    """The local engine's duplicate-id check on the ids a shard's actor reported (shards come in any order)."""
+    for row, identity in result.get("ids", ()):
+        first = first_rows.setdefault(identity, row)
+        if first != row:
+            first, row = sorted((first, row))
+            raise duplicate_id(place(counts, row), identity, first, row)
 
 
 def _calibrate(settings: ModelSettings, fields: Fields, plan: ShardPlan) -> tuple[dict[str, Any], list]:
@@ -162,9 +250,11 @@ def _record(run: Any, result: dict[str, Any]) -> None:
         run.skipped(result["rows"])
         return
     actor["shards"] += 1
+    from st_npu.corpus.workers import Done
+
     done = Done(ShardRecord(**result["record"]), f"ray {result['device']} of {result['host']}:{result['pid']}",
                 result["seconds"], None, result["threads"])
-    run.done(done, rows_reported=False)
+    run.done(done)
 
 
 def _cpus_per_actor(ray: Any, actors: int) -> float:

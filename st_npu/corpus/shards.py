@@ -1,6 +1,7 @@
 """One shard of output: a Parquet file ``part-NNNNN.parquet`` with ``id``, ``embedding`` (a fixed-size list of the
-output dtype) and the kept columns, written atomically; its sha256 is the checksum the manifest records.
-Both engines (local and Ray) write through here, so their shards are the same files.
+output dtype) and the kept columns, written atomically (on a store too: see :func:`~st_npu.corpus.storage.atomic_write`);
+its sha256 is the checksum the manifest records. Both engines (local and Ray) write through here, so their shards
+are the same files.
 
 ``int8`` and ``uint8`` map each dimension's range to 256 steps. The ranges are the job's, fixed before the first
 shard and kept in the manifest: ranges taken from each shard's own vectors (sentence-transformers' default) would
@@ -9,15 +10,15 @@ quantise every shard differently. ``binary`` and ``ubinary`` pack the signs, 8 d
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from st_npu.corpus.reader import pyarrow_modules
-from st_npu.files.outputs import atomic_file
-from st_npu.loading.fingerprint import sha256_file
+from st_npu.corpus import storage
+from st_npu.corpus.reader import READ_BUFFER, pyarrow_modules
+from st_npu.corpus.storage import Location
 
 OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 RANGED = ("int8", "uint8")
@@ -70,20 +71,28 @@ def convert(vectors: np.ndarray, output_dtype: str, ranges: list[list[float]] | 
     return np.ascontiguousarray(quantize_embeddings(vectors, output_dtype, ranges=fixed))
 
 
-def write_shard(folder: Path, index: int, start: int, end: int, ids: list[Any], vectors: np.ndarray,
+def write_shard(folder: Location, index: int, start: int, end: int, ids: list[Any], vectors: np.ndarray,
                 keep: dict[str, list[Any]], form: ShardFormat) -> ShardRecord:
     pyarrow, parquet, _ = pyarrow_modules()
     vectors = convert(vectors, form.dtype, form.ranges)
     embedding = pyarrow.FixedSizeListArray.from_arrays(pyarrow.array(vectors.reshape(-1)), vectors.shape[1])
     columns = {"id": pyarrow.array(ids, type=None if ids else pyarrow.int64()), "embedding": embedding,
                **{name: pyarrow.array(values) for name, values in keep.items()}}
-    path = folder / shard_name(index)
-    with atomic_file(path) as handle:
-        parquet.write_table(pyarrow.table(columns), handle)
-    return ShardRecord(index, path.name, start, end, len(ids), sha256_file(path))
+    # Built in memory, then written in one piece: the checksum is of the very bytes sent.
+    sink = pyarrow.BufferOutputStream()
+    parquet.write_table(pyarrow.table(columns), sink)
+    data = sink.getvalue()
+    storage.write_bytes(folder.child(shard_name(index)), data)
+    return ShardRecord(index, shard_name(index), start, end, len(ids), hashlib.sha256(data).hexdigest())
 
 
-def shard_holds(folder: Path, record: dict[str, Any]) -> bool:
-    """Whether a shard the manifest lists is on disk with its recorded checksum."""
-    path = folder / record["file"]
-    return path.is_file() and sha256_file(path) == record["sha256"]
+def shard_holds(folder: Location, record: dict[str, Any]) -> bool:
+    """Whether a shard the manifest lists is there with its recorded checksum."""
+    location = folder.child(record["file"])
+    if not storage.is_file(location):
+        return False
+    digest = hashlib.sha256()
+    with storage.open_input(location) as handle:
+        while chunk := handle.read(READ_BUFFER):
+            digest.update(chunk)
+    return digest.hexdigest() == record["sha256"]

@@ -22,12 +22,12 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from st_npu.corpus.encoder import ModelSettings, ShardEncoder, worker_threads
 from st_npu.corpus.reader import Shard
 from st_npu.corpus.shards import ShardFormat, ShardRecord, write_shard
+from st_npu.corpus.storage import Location
 from st_npu.runtime import emulation
 from st_npu.runtime.pools import POLL_S, WorkerDiedError, emulated_device_count, load_npu_in_worker
 
@@ -44,7 +44,7 @@ class Done:
     threads: int | None = None
 
 
-def embed_shard(encoder: ShardEncoder, shard: Shard, folder: Path, form: ShardFormat,
+def embed_shard(encoder: ShardEncoder, shard: Shard, folder: Location, form: ShardFormat,
                 on_rows: Callable[[int], None] | None = None) -> Done:
     import torch
 
@@ -61,7 +61,7 @@ def device_ops(device: str) -> int | None:
     return None if counted is None else counted.ops
 
 
-def run_here(encoder: ShardEncoder, shards: Iterator[Shard], folder: Path, form: ShardFormat,
+def run_here(encoder: ShardEncoder, shards: Iterator[Shard], folder: Location, form: ShardFormat,
              on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None],
              on_rows: Callable[[int], None]) -> None:
     on_ready(encoder.describe())
@@ -69,7 +69,7 @@ def run_here(encoder: ShardEncoder, shards: Iterator[Shard], folder: Path, form:
         on_done(embed_shard(encoder, shard, folder, form, on_rows))
 
 
-def run_processes(devices: list[str], settings: ModelSettings, shards: Iterator[Shard], folder: Path,
+def run_processes(devices: list[str], settings: ModelSettings, shards: Iterator[Shard], folder: Location,
                   form: ShardFormat, on_ready: Callable[[dict[str, Any]], None], on_done: Callable[[Done], None],
                   on_rows: Callable[[int], None]) -> None:
     context = multiprocessing.get_context("spawn")  # NPU runtimes cannot be re-initialised in a forked child
@@ -170,7 +170,7 @@ def _stop(workers: list[_Worker]) -> None:
 
 
 def _worker_main(slot: int, device: str, emulated: int | None, threads: int | None, settings: ModelSettings,
-                 folder: Path, form: ShardFormat, inbox: Any, results: Any) -> None:
+                 folder: Location, form: ShardFormat, inbox: Any, results: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     try:
         if threads:

@@ -45,6 +45,12 @@ EMULATOR_FIXES = {
     "ASCEND_RT_VISIBLE_DEVICES": "list existing device indexes once each (e.g. ASCEND_RT_VISIBLE_DEVICES=0,1), or "
                                  "unset it to see every device",
 }
+# The stores embed-corpus reaches through pyarrow: each scheme, pyarrow's class for it, what it covers.
+FILESYSTEMS = {
+    "s3": ("S3FileSystem", "s3:// (AWS S3, Huawei OBS, MinIO, any S3-compatible store)"),
+    "gs": ("GcsFileSystem", "gs:// (Google Cloud Storage)"),
+    "hdfs": ("HadoopFileSystem", "hdfs:// (needs Hadoop's libhdfs and a JVM at run time: HADOOP_HOME, JAVA_HOME)"),
+}
 REQUIREMENT = re.compile(r"^([A-Za-z0-9._-]+)[^;]*;.*extra\s*==\s*['\"]([\w-]+)['\"]")
 
 
@@ -82,6 +88,7 @@ def collect() -> dict[str, Any]:
     report["versions"]["CANN"] = version
     report["cann_searched"] = where
     report["extras"] = extras()
+    report["filesystems"] = filesystems()
     problems = report["problems"]
     emulator_problem = emulation.environment_problem()
     if emulator_problem:
@@ -141,6 +148,23 @@ def extras() -> dict[str, dict[str, Any]]:
     return {name: {"enables": EXTRAS[name], "packages": packages[name],
                    "missing": [package for package in packages[name] if installed_version(package) is None]}
             for name in EXTRAS if packages[name]}
+
+
+def filesystems() -> dict[str, str]:
+    """Which URI schemes this install can read and write corpus jobs on (besides paths and file://): those
+    this pyarrow was built with."""
+    try:
+        import pyarrow.fs
+    except ImportError:
+        return {scheme: 'no: pyarrow is missing (pip install "st-npu[corpus]")' for scheme in FILESYSTEMS}
+    reachable = {}
+    for scheme, (name, covers) in FILESYSTEMS.items():
+        try:
+            getattr(pyarrow.fs, name)  # pyarrow raises ImportError for a filesystem its build left out
+            reachable[scheme] = f"yes: {covers}"
+        except ImportError:
+            reachable[scheme] = "no: this pyarrow build has no support for it"
+    return reachable
 
 
 def _npu_runtime() -> dict[str, str]:
@@ -209,6 +233,9 @@ def format_report(report: dict[str, Any]) -> str:
         for name, extra in report["extras"].items():
             state = f"missing {', '.join(extra['missing'])}" if extra["missing"] else "installed"
             lines.append(f"  {name:<8} {state:<30} {extra['enables']}")
+    if report.get("filesystems"):
+        lines.append("filesystems            for embed-corpus input and --output, besides paths and file://")
+        lines += [f"  {scheme:<20} {state}" for scheme, state in report["filesystems"].items()]
     if report["environment"]:
         lines.append("environment")
         lines += [f"  {name}={value}" for name, value in report["environment"].items()]
