@@ -23,6 +23,7 @@ Normalize, Pooling, Transformer = stock_modules.Normalize, stock_modules.Pooling
 StockSentenceTransformer = sentence_transformers.SentenceTransformer
 StockCrossEncoder = sentence_transformers.CrossEncoder
 StockSparseEncoder = getattr(sentence_transformers, "SparseEncoder", None)
+StockMultiVectorEncoder = getattr(sentence_transformers, "MultiVectorEncoder", None)  # late interaction, 6.3+
 
 
 @dataclass(frozen=True)
@@ -34,27 +35,37 @@ class Kind:
     ``self.forward(features)`` (5.x) or ``self(features)`` (6.x, so that ``model.compile()`` applies): both reach an
     instance attribute named ``forward``. It then reads ``row_output`` of each row. ``grouped``: whether one call can
     run as several calls of the entry, one per sequence bucket (a sparse encoder's post-processing is not row-wise).
+    ``owner``: the stock class whose ``entry`` this is.
     """
 
     entry: str
     row_output: str
     grouped: bool
+    owner: type
+
+    def replaced_on(self, model: Any) -> bool:
+        """Whether the entry ``model``'s class has is not stock's (a mock, a wrapper, a subclass's override)."""
+        return getattr(type(model), self.entry) is not getattr(self.owner, self.entry)
 
 
 def model_kind(model: Any) -> Kind | None:
     """The kind of a sentence-transformers model, or None for a class the engine does not know."""
     if isinstance(model, StockCrossEncoder):
-        return Kind("predict", "scores", grouped=True)
+        return Kind("predict", "scores", grouped=True, owner=StockCrossEncoder)
     if StockSparseEncoder is not None and isinstance(model, StockSparseEncoder):
-        return Kind("encode", "sentence_embedding", grouped=False)
+        return Kind("encode", "sentence_embedding", grouped=False, owner=StockSparseEncoder)
+    if StockMultiVectorEncoder is not None and isinstance(model, StockMultiVectorEncoder):
+        # One variable-length matrix per text: there is no row array to assemble groups into.
+        return Kind("encode", "token_embeddings", grouped=False, owner=StockMultiVectorEncoder)
     if isinstance(model, StockSentenceTransformer):
-        return Kind("encode", "sentence_embedding", grouped=True)
+        return Kind("encode", "sentence_embedding", grouped=True, owner=StockSentenceTransformer)
     return None
 
 
 def model_classes() -> list[type]:
     """The stock model classes the engine accelerates (and ``patch()`` wraps), those this release has."""
-    return [cls for cls in (StockSentenceTransformer, StockCrossEncoder, StockSparseEncoder) if cls is not None]
+    classes = (StockSentenceTransformer, StockCrossEncoder, StockSparseEncoder, StockMultiVectorEncoder)
+    return [cls for cls in classes if cls is not None]
 
 
 def name_or_path(model: Any) -> str | None:
@@ -66,7 +77,7 @@ def name_or_path(model: Any) -> str | None:
 
 def entry_signature(model: Any, kind: Kind) -> inspect.Signature:
     """The signature of the stock entry method (its first parameter after self is the inputs)."""
-    return inspect.signature(getattr(type(model), kind.entry))
+    return inspect.signature(getattr(kind.owner, kind.entry))
 
 
 def hf_transformer(model: Any) -> Any | None:
@@ -136,9 +147,9 @@ def quantize_embeddings(embeddings: Any, precision: str) -> Any:
     return sentence_transformers.quantize_embeddings(embeddings, precision=precision)
 
 
-def stock_init_parameters() -> set[str]:
-    """The keyword arguments stock ``SentenceTransformer.__init__`` takes in this release."""
-    return set(inspect.signature(StockSentenceTransformer.__init__).parameters) - {"self"}
+def stock_init_parameters(stock_class: type = StockSentenceTransformer) -> set[str]:
+    """The keyword arguments a stock model class's ``__init__`` takes in this release."""
+    return set(inspect.signature(stock_class.__init__).parameters) - {"self"}
 
 
 def predicted_batches(model: Any, inputs: list[Any], batch_size: int) -> list[list[Any]] | None:

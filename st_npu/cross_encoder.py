@@ -23,17 +23,18 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
     """A ``sentence_transformers.CrossEncoder`` that runs on Ascend NPUs.
 
     Args:
-        model_name_or_path: as stock (a folder or a hub id).
+        model_name_or_path: as stock (a folder or a hub id); may be left out where ``modules=`` gives the pipeline.
         device: ``None``/``"auto"`` (``npu:{LOCAL_RANK or 0}`` when an NPU is usable, else cuda, mps, xpu, cpu),
             ``"npu"``, ``"npu:N"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``. torch_npu is loaded as needed.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``, as names or torch dtypes.
         static_shapes, overlap, graphs: as for :class:`st_npu.SentenceTransformer`.
-        **stock_kwargs: any other argument of stock ``CrossEncoder`` (num_labels, max_length, activation_fn, ...).
+        **stock_kwargs: any other argument of stock ``CrossEncoder`` in the installed release (modules, num_labels,
+            max_length, activation_fn, ...); one it does not take raises TypeError, as stock does.
     """
 
     def __init__(
         self,
-        model_name_or_path: str | os.PathLike,
+        model_name_or_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         *,
@@ -42,10 +43,15 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
         graphs: bool | None = None,
         **stock_kwargs: Any,
     ) -> None:
+        unknown = set(stock_kwargs) - _compat.stock_init_parameters(_compat.StockCrossEncoder)
+        if unknown:
+            raise TypeError(f"CrossEncoder() got unexpected keyword argument(s) {', '.join(sorted(unknown))}: "
+                            f"the installed sentence-transformers {_compat.stock_version()} does not take them")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         check_dtype_supported(torch_device, torch_dtype)
-        super().__init__(str(model_name_or_path), device=str(torch_device), **stock_kwargs)
+        path = None if model_name_or_path is None else str(model_name_or_path)  # stock says what a missing one means
+        super().__init__(path, device=str(torch_device), **stock_kwargs)
         if torch_dtype is not None:
             self.to(torch_dtype)
         accelerate(self, Options(static_shapes, graphs, overlap))
