@@ -118,6 +118,16 @@ def new_transformer(folder: str, max_seq_length: int, do_lower_case: bool, model
     return Transformer(folder, max_seq_length=max_seq_length, do_lower_case=do_lower_case, **{kwarg: model_kwargs or {}})
 
 
+def new_mlm_transformer(folder: str) -> Any:
+    """A SPLADE model's first module: a masked-LM Transformer (5.x before the ``transformer_task`` argument had its
+    own ``MLMTransformer`` class, which later releases deprecate)."""
+    if _accepts(Transformer.__init__, "transformer_task"):
+        return Transformer(folder, transformer_task="fill-mask")
+    from sentence_transformers.sparse_encoder.models import MLMTransformer  # pragma: no cover - 5.x
+
+    return MLMTransformer(folder)  # pragma: no cover - 5.x
+
+
 def new_pooling(dimension: int, mode: str) -> Any:
     """A Pooling module with one mode; releases differ in argument names."""
     if _accepts(Pooling.__init__, "embedding_dimension"):

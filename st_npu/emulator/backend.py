@@ -73,6 +73,10 @@ _CPU_OPERAND_OPS = frozenset({"aten::index.Tensor", "aten::index_put", "aten::in
 _HOST_ARGUMENTS = {"aten::_pack_padded_sequence": "lengths", "aten::_pad_packed_sequence": "batch_sizes",
                    "aten::lstm.data": "batch_sizes", "aten::gru.data": "batch_sizes",
                    "aten::rnn_tanh.data": "batch_sizes", "aten::rnn_relu.data": "batch_sizes"}
+_RNN_OPERATORS = ("lstm.input", "lstm.data")
+# Results torch makes on the host from a device input, by position: a packed sequence's batch sizes and the lengths
+# unpacking gives back.
+_HOST_RESULTS = {"aten::_pack_padded_sequence": 1, "aten::_pad_packed_sequence": 1}
 
 
 @dataclass
@@ -206,6 +210,11 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
             # inference mode; under autograd it is split into the math steps, as before a backend kernel.
             _libraries[1].impl("scaled_dot_product_attention", functools.partial(_fallback, _SDPA), "PrivateUse1")
             _libraries[1].impl("scaled_dot_product_attention", _SDPA.decompose, "AutogradPrivateUse1")
+            # torch_npu has LSTM kernels of its own (op-plugin's lstm.input and lstm.data): taken whole,
+            # as torch's own split of them calls a fused cell only CUDA has. Inference only: under autograd they
+            # are still split, and that cell does not run here.
+            for name in _RNN_OPERATORS:
+                _libraries[1].impl(name, functools.partial(_fallback, _overload(name)), "PrivateUse1")
             torch.Tensor.new_tensor = _new_tensor_on_its_device(torch.Tensor.new_tensor)
             torch.UntypedStorage.__new__ = _npu_storages(torch.UntypedStorage.__new__)
             for kind in (torch.Tensor, torch.nn.Parameter):
@@ -531,7 +540,11 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
         _account(x, out_index)
         return _device_tensor(x, out_index)
 
-    output = pytree.tree_map(to_npu, result)
+    host_result = _HOST_RESULTS.get(name)
+    if host_result is None:
+        output = pytree.tree_map(to_npu, result)
+    else:
+        output = tuple(part if position == host_result else to_npu(part) for position, part in enumerate(result))
     if capture is not None:
         capture.record(func, args, kwargs, output)
     return output

@@ -103,6 +103,20 @@ def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     return _save_stock(folder, [words, modules.Pooling(dim, "mean")])
 
 
+def lstm_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    """WordEmbeddings + a bidirectional LSTM + mean Pooling: its forward packs padded sequences, lengths on the CPU."""
+    import torch
+
+    modules = _compat.stock_modules
+    torch.manual_seed(seed)
+    vocab = [line.strip() for line in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines()]
+    vocab = [word for word in vocab if word.isalpha()][:2000]
+    words = modules.WordEmbeddings(modules.tokenizer.WhitespaceTokenizer(vocab, do_lower_case=True),
+                                   torch.randn(len(vocab), dim))
+    lstm = modules.LSTM(dim, dim)  # positional: 6.x renamed word_embedding_dimension
+    return _save_stock(folder, [words, lstm, modules.Pooling(2 * dim, "mean")])
+
+
 def router_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     """A Router with a query route and a document route, each its own StaticEmbedding."""
     router = _compat.stock_modules.Router.for_query_document([_static(dim, seed)], [_static(dim, seed + 1)])
@@ -203,6 +217,51 @@ def _xlmr_tokenizer() -> object:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
                                    model_max_length=512)
+
+
+def _bert_backbone(folder: Path, head: str, seed: int) -> Path:
+    """A tiny ``transformers`` BERT (``BertModel`` or ``BertForMaskedLM``) with MiniLM's tokenizer, no ST files."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **TINY)
+    getattr(transformers, head)(config).eval().save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_folder() / name, folder / name)
+    write_json(folder / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                                                  "model_max_length": 512})
+    return folder
+
+
+def splade_folder(folder: Path, seed: int = 0) -> Path:
+    """A SPLADE ``SparseEncoder`` folder (a tiny BertForMaskedLM and max SpladePooling), saved by stock."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.models import SpladePooling
+
+    folder = Path(folder)
+    backbone = _bert_backbone(folder.with_name(folder.name + "-mlm"), "BertForMaskedLM", seed)
+    torch.manual_seed(seed)
+    SparseEncoder(modules=[_compat.new_mlm_transformer(str(backbone)), SpladePooling("max")],
+                  device="cpu").save(str(folder))
+    return folder
+
+
+def multi_vector_folder(folder: Path, seed: int = 0) -> Path:
+    """A ``MultiVectorEncoder`` (ColBERT-style, sentence-transformers 6.3+) folder as stock builds one from a bare
+    transformer: tiny BERT, a token-level projection, the scoring mask and Normalize."""
+    import torch
+
+    if _compat.StockMultiVectorEncoder is None:
+        raise RuntimeError(f"sentence-transformers {_compat.stock_version()} has no MultiVectorEncoder (6.3+)")
+    folder = Path(folder)
+    backbone = _bert_backbone(folder.with_name(folder.name + "-bert"), "BertModel", seed)
+    torch.manual_seed(seed)
+    _compat.StockMultiVectorEncoder(str(backbone), device="cpu").save(str(folder))
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:
