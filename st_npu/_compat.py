@@ -43,9 +43,21 @@ class Kind:
     grouped: bool
     owner: type
 
+    @property
+    def stock_entry(self) -> Any:
+        """Stock's own entry function, as this release defines it (read at import: a mock set on the stock class
+        later does not change it)."""
+        return _STOCK_ENTRIES[self.owner, self.entry]
+
     def replaced_on(self, model: Any) -> bool:
         """Whether the entry ``model``'s class has is not stock's (a mock, a wrapper, a subclass's override)."""
-        return getattr(type(model), self.entry) is not getattr(self.owner, self.entry)
+        return getattr(type(model), self.entry) is not self.stock_entry
+
+
+_STOCK_ENTRIES = {(cls, entry): getattr(cls, entry)
+                  for cls, entry in ((StockSentenceTransformer, "encode"), (StockCrossEncoder, "predict"),
+                                     (StockSparseEncoder, "encode"), (StockMultiVectorEncoder, "encode"))
+                  if cls is not None}
 
 
 def model_kind(model: Any) -> Kind | None:
@@ -77,7 +89,7 @@ def name_or_path(model: Any) -> str | None:
 
 def entry_signature(model: Any, kind: Kind) -> inspect.Signature:
     """The signature of the stock entry method (its first parameter after self is the inputs)."""
-    return inspect.signature(getattr(kind.owner, kind.entry))
+    return inspect.signature(kind.stock_entry)
 
 
 def hf_transformer(model: Any) -> Any | None:
@@ -118,14 +130,19 @@ def new_transformer(folder: str, max_seq_length: int, do_lower_case: bool, model
     return Transformer(folder, max_seq_length=max_seq_length, do_lower_case=do_lower_case, **{kwarg: model_kwargs or {}})
 
 
-def new_mlm_transformer(folder: str) -> Any:
-    """A SPLADE model's first module: a masked-LM Transformer (5.x before the ``transformer_task`` argument had its
-    own ``MLMTransformer`` class, which later releases deprecate)."""
+def splade_modules(folder: str) -> list[Any]:
+    """A SPLADE model's modules over a masked-LM folder: the MLM transformer and max SpladePooling (5.x had an
+    ``MLMTransformer`` class and ``sparse_encoder.models``, which later releases deprecate for
+    ``Transformer(transformer_task="fill-mask")`` and ``sparse_encoder.modules``)."""
+    try:
+        from sentence_transformers.sparse_encoder.modules import SpladePooling
+    except ImportError:  # pragma: no cover - 5.x
+        from sentence_transformers.sparse_encoder.models import SpladePooling
     if _accepts(Transformer.__init__, "transformer_task"):
-        return Transformer(folder, transformer_task="fill-mask")
+        return [Transformer(folder, transformer_task="fill-mask"), SpladePooling("max")]
     from sentence_transformers.sparse_encoder.models import MLMTransformer  # pragma: no cover - 5.x
 
-    return MLMTransformer(folder)  # pragma: no cover - 5.x
+    return [MLMTransformer(folder), SpladePooling("max")]  # pragma: no cover - 5.x
 
 
 def new_pooling(dimension: int, mode: str) -> Any:
@@ -157,9 +174,9 @@ def quantize_embeddings(embeddings: Any, precision: str) -> Any:
     return sentence_transformers.quantize_embeddings(embeddings, precision=precision)
 
 
-def stock_init_parameters(stock_class: type = StockSentenceTransformer) -> set[str]:
-    """The keyword arguments a stock model class's ``__init__`` takes in this release."""
-    return set(inspect.signature(stock_class.__init__).parameters) - {"self"}
+def stock_init_parameters() -> set[str]:
+    """The keyword arguments stock ``SentenceTransformer.__init__`` takes in this release."""
+    return set(inspect.signature(StockSentenceTransformer.__init__).parameters) - {"self"}
 
 
 def predicted_batches(model: Any, inputs: list[Any], batch_size: int) -> list[list[Any]] | None:

@@ -28,8 +28,8 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
             ``"npu"``, ``"npu:N"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``. torch_npu is loaded as needed.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``, as names or torch dtypes.
         static_shapes, overlap, graphs: as for :class:`st_npu.SentenceTransformer`.
-        **stock_kwargs: any other argument of stock ``CrossEncoder`` in the installed release (modules, num_labels,
-            max_length, activation_fn, ...); one it does not take raises TypeError, as stock does.
+        **stock_kwargs: any keyword argument of stock ``CrossEncoder`` in the installed release (modules, num_labels,
+            max_length, activation_fn, its deprecated names, ...), passed as given; stock raises for the others.
     """
 
     def __init__(
@@ -43,15 +43,13 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
         graphs: bool | None = None,
         **stock_kwargs: Any,
     ) -> None:
-        unknown = set(stock_kwargs) - _compat.stock_init_parameters(_compat.StockCrossEncoder)
-        if unknown:
-            raise TypeError(f"CrossEncoder() got unexpected keyword argument(s) {', '.join(sorted(unknown))}: "
-                            f"the installed sentence-transformers {_compat.stock_version()} does not take them")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         check_dtype_supported(torch_device, torch_dtype)
-        path = None if model_name_or_path is None else str(model_name_or_path)  # stock says what a missing one means
-        super().__init__(path, device=str(torch_device), **stock_kwargs)
+        # Keywords go to stock as given: it also takes the deprecated names its signature does not show
+        # (model_name=, classifier_dropout=, tokenizer_args=, ...) and says what a missing path means.
+        path = [] if model_name_or_path is None else [str(model_name_or_path)]
+        super().__init__(*path, device=str(torch_device), **stock_kwargs)
         if torch_dtype is not None:
             self.to(torch_dtype)
         accelerate(self, Options(static_shapes, graphs, overlap))

@@ -238,15 +238,9 @@ def _bert_backbone(folder: Path, head: str, seed: int) -> Path:
 
 def splade_folder(folder: Path, seed: int = 0) -> Path:
     """A SPLADE ``SparseEncoder`` folder (a tiny BertForMaskedLM and max SpladePooling), saved by stock."""
-    import torch
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.models import SpladePooling
-
     folder = Path(folder)
     backbone = _bert_backbone(folder.with_name(folder.name + "-mlm"), "BertForMaskedLM", seed)
-    torch.manual_seed(seed)
-    SparseEncoder(modules=[_compat.new_mlm_transformer(str(backbone)), SpladePooling("max")],
-                  device="cpu").save(str(folder))
+    _compat.StockSparseEncoder(modules=_compat.splade_modules(str(backbone)), device="cpu").save(str(folder))
     return folder
 
 

@@ -47,6 +47,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "router": fixtures.router_folder,
         "custom": fixtures.custom_module_folder,
         "minilm": lambda folder: fixtures.minilm_folder(),
+        "reranker": fixtures.cross_encoder_folder,
+        "splade": fixtures.splade_folder,
+        "multi_vector": fixtures.multi_vector_folder,
+        "lstm": fixtures.lstm_folder,
     }
 
     class Folders(dict):
