@@ -5,6 +5,8 @@ every stock model it sees built, the server and the corpus workers on the models
 :class:`Engine` on the model through public extension points only: instance attributes that shadow the stock entry
 (``encode``/``predict``), ``preprocess`` and ``forward`` (see ``_compat.Kind`` for why those), forward hooks for the
 attention masks, and ``_input_length`` (the order stock sorts a call's inputs in). ``Engine.undo()`` removes them all.
+Where the model's class has an entry that is not stock's (a mock or wrapper set on the class, a subclass's
+override), the shadowing entry calls that one as it is and the engine steps aside for the call.
 
 What every accelerated model gets, whichever door it came through:
 - the input check (:mod:`.checks`) and a known model's per-prompt length limit (llm-embedder: 256-token queries);
