@@ -34,14 +34,16 @@ class Kind:
     calls ``self.preprocess(batch, prompt=prompt, **kwargs)``, moves the features to the device and calls
     ``self.forward(features)`` (5.x) or ``self(features)`` (6.x, so that ``model.compile()`` applies): both reach an
     instance attribute named ``forward``. It then reads ``row_output`` of each row. ``grouped``: whether one call can
-    run as several calls of the entry, one per sequence bucket (a sparse encoder's post-processing is not row-wise).
-    ``owner``: the stock class whose ``entry`` this is.
+    run as several calls of the entry, one per sequence bucket (not a multi-vector encoder's: one matrix per input of
+    its own length). ``stacked``: stock stacks the call's row tensors itself (a sparse encoder's COO rows), so groups
+    are put together as tensors, not host arrays. ``owner``: the stock class whose ``entry`` this is.
     """
 
     entry: str
     row_output: str
     grouped: bool
     owner: type
+    stacked: bool = False
 
     @property
     def stock_entry(self) -> Any:
@@ -65,7 +67,7 @@ def model_kind(model: Any) -> Kind | None:
     if isinstance(model, StockCrossEncoder):
         return Kind("predict", "scores", grouped=True, owner=StockCrossEncoder)
     if StockSparseEncoder is not None and isinstance(model, StockSparseEncoder):
-        return Kind("encode", "sentence_embedding", grouped=False, owner=StockSparseEncoder)
+        return Kind("encode", "sentence_embedding", grouped=True, owner=StockSparseEncoder, stacked=True)
     if StockMultiVectorEncoder is not None and isinstance(model, StockMultiVectorEncoder):
         # One variable-length matrix per text: there is no row array to assemble groups into.
         return Kind("encode", "token_embeddings", grouped=False, owner=StockMultiVectorEncoder)
