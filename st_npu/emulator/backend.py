@@ -14,6 +14,9 @@ transformers take their NPU branches (``torch_npu`` importable, ``torch.npu.is_a
 What it does not prove: anything about Ascend kernels -- which operators exist on the chip, their numerics
 (fp16/bf16 accumulation, fused kernels), or speed. In inference mode SDPA reaches the device whole and counts as one
 launch where torch_npu would send it to its fused kernel, and as its math steps elsewhere (``sdpa_unfused``).
+Sparse COO tensors live on the device, as torch_npu keeps them (see the sparse section; other sparse layouts are not
+emulated), and LSTM runs whole in inference, as torch_npu's own kernel; a packed sequence's lengths and batch sizes
+stay on the host, where torch requires them.
 Known gaps, all from PyTorch's Python device guard (it reports npu:0 to the C++ side and ignores device switches):
 backward passes run on ``npu:0`` only; ``set_device`` and ``torch.npu.device`` steer where factory functions put a
 bare ``"npu"``, but ``Tensor.to("npu")`` always picks ``npu:0``; ``Tensor.new(...)`` lands on the current device,

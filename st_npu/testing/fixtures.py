@@ -90,29 +90,27 @@ def static_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     return _save_stock(folder, [_static(dim, seed)])
 
 
-def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
-    """WordEmbeddings + mean Pooling (as average_word_embeddings_*) over a small whitespace vocabulary."""
+def _word_embeddings(dim: int, seed: int) -> object:
+    """Random WordEmbeddings over a small whitespace vocabulary (MiniLM's alphabetic words)."""
     import torch
 
     modules = _compat.stock_modules
     torch.manual_seed(seed)
     vocab = [line.strip() for line in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines()]
     vocab = [word for word in vocab if word.isalpha()][:2000]
-    words = modules.WordEmbeddings(modules.tokenizer.WhitespaceTokenizer(vocab, do_lower_case=True),
-                                   torch.randn(len(vocab), dim))
-    return _save_stock(folder, [words, modules.Pooling(dim, "mean")])
+    return modules.WordEmbeddings(modules.tokenizer.WhitespaceTokenizer(vocab, do_lower_case=True),
+                                  torch.randn(len(vocab), dim))
+
+
+def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    """WordEmbeddings + mean Pooling (as average_word_embeddings_*) over a small whitespace vocabulary."""
+    return _save_stock(folder, [_word_embeddings(dim, seed), _compat.stock_modules.Pooling(dim, "mean")])
 
 
 def lstm_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     """WordEmbeddings + a bidirectional LSTM + mean Pooling: its forward packs padded sequences, lengths on the CPU."""
-    import torch
-
     modules = _compat.stock_modules
-    torch.manual_seed(seed)
-    vocab = [line.strip() for line in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines()]
-    vocab = [word for word in vocab if word.isalpha()][:2000]
-    words = modules.WordEmbeddings(modules.tokenizer.WhitespaceTokenizer(vocab, do_lower_case=True),
-                                   torch.randn(len(vocab), dim))
+    words = _word_embeddings(dim, seed)
     lstm = modules.LSTM(dim, dim)  # positional: 6.x renamed word_embedding_dimension
     return _save_stock(folder, [words, lstm, modules.Pooling(2 * dim, "mean")])
 
