@@ -23,6 +23,7 @@ Normalize, Pooling, Transformer = stock_modules.Normalize, stock_modules.Pooling
 StockSentenceTransformer = sentence_transformers.SentenceTransformer
 StockCrossEncoder = sentence_transformers.CrossEncoder
 StockSparseEncoder = getattr(sentence_transformers, "SparseEncoder", None)
+StockMultiVectorEncoder = getattr(sentence_transformers, "MultiVectorEncoder", None)  # late interaction, 6.3+
 
 
 @dataclass(frozen=True)
@@ -33,28 +34,52 @@ class Kind:
     calls ``self.preprocess(batch, prompt=prompt, **kwargs)``, moves the features to the device and calls
     ``self.forward(features)`` (5.x) or ``self(features)`` (6.x, so that ``model.compile()`` applies): both reach an
     instance attribute named ``forward``. It then reads ``row_output`` of each row. ``grouped``: whether one call can
-    run as several calls of the entry, one per sequence bucket (a sparse encoder's post-processing is not row-wise).
+    run as several calls of the entry, one per sequence bucket (not a multi-vector encoder's: one matrix per input of
+    its own length). ``stacked``: stock stacks the call's row tensors itself (a sparse encoder's COO rows), so groups
+    are put together as tensors, not host arrays. ``owner``: the stock class whose ``entry`` this is.
     """
 
     entry: str
     row_output: str
     grouped: bool
+    owner: type
+    stacked: bool = False
+
+    @property
+    def stock_entry(self) -> Any:
+        """Stock's own entry function, as this release defines it (read at import: a mock set on the stock class
+        later does not change it)."""
+        return _STOCK_ENTRIES[self.owner, self.entry]
+
+    def replaced_on(self, model: Any) -> bool:
+        """Whether the entry ``model``'s class has is not stock's (a mock, a wrapper, a subclass's override)."""
+        return getattr(type(model), self.entry) is not self.stock_entry
+
+
+_STOCK_ENTRIES = {(cls, entry): getattr(cls, entry)
+                  for cls, entry in ((StockSentenceTransformer, "encode"), (StockCrossEncoder, "predict"),
+                                     (StockSparseEncoder, "encode"), (StockMultiVectorEncoder, "encode"))
+                  if cls is not None}
 
 
 def model_kind(model: Any) -> Kind | None:
     """The kind of a sentence-transformers model, or None for a class the engine does not know."""
     if isinstance(model, StockCrossEncoder):
-        return Kind("predict", "scores", grouped=True)
+        return Kind("predict", "scores", grouped=True, owner=StockCrossEncoder)
     if StockSparseEncoder is not None and isinstance(model, StockSparseEncoder):
-        return Kind("encode", "sentence_embedding", grouped=False)
+        return Kind("encode", "sentence_embedding", grouped=True, owner=StockSparseEncoder, stacked=True)
+    if StockMultiVectorEncoder is not None and isinstance(model, StockMultiVectorEncoder):
+        # One variable-length matrix per text: there is no row array to assemble groups into.
+        return Kind("encode", "token_embeddings", grouped=False, owner=StockMultiVectorEncoder)
     if isinstance(model, StockSentenceTransformer):
-        return Kind("encode", "sentence_embedding", grouped=True)
+        return Kind("encode", "sentence_embedding", grouped=True, owner=StockSentenceTransformer)
     return None
 
 
 def model_classes() -> list[type]:
     """The stock model classes the engine accelerates (and ``patch()`` wraps), those this release has."""
-    return [cls for cls in (StockSentenceTransformer, StockCrossEncoder, StockSparseEncoder) if cls is not None]
+    classes = (StockSentenceTransformer, StockCrossEncoder, StockSparseEncoder, StockMultiVectorEncoder)
+    return [cls for cls in classes if cls is not None]
 
 
 def name_or_path(model: Any) -> str | None:
@@ -66,7 +91,7 @@ def name_or_path(model: Any) -> str | None:
 
 def entry_signature(model: Any, kind: Kind) -> inspect.Signature:
     """The signature of the stock entry method (its first parameter after self is the inputs)."""
-    return inspect.signature(getattr(type(model), kind.entry))
+    return inspect.signature(kind.stock_entry)
 
 
 def hf_transformer(model: Any) -> Any | None:
@@ -122,6 +147,21 @@ def new_transformer(folder: str, max_seq_length: int, do_lower_case: bool, model
         extra.update(modality_config={"text": dict(modality_config["text"])}, module_output_name=output_name)
     return Transformer(folder, max_seq_length=max_seq_length, do_lower_case=do_lower_case,
                        **{kwarg: model_kwargs or {}}, **extra)
+
+
+def splade_modules(folder: str) -> list[Any]:
+    """A SPLADE model's modules over a masked-LM folder: the MLM transformer and max SpladePooling (5.x had an
+    ``MLMTransformer`` class and ``sparse_encoder.models``, which later releases deprecate for
+    ``Transformer(transformer_task="fill-mask")`` and ``sparse_encoder.modules``)."""
+    try:
+        from sentence_transformers.sparse_encoder.modules import SpladePooling
+    except ImportError:  # pragma: no cover - 5.x
+        from sentence_transformers.sparse_encoder.models import SpladePooling
+    if _accepts(Transformer.__init__, "transformer_task"):
+        return [Transformer(folder, transformer_task="fill-mask"), SpladePooling("max")]
+    from sentence_transformers.sparse_encoder.models import MLMTransformer  # pragma: no cover - 5.x
+
+    return [MLMTransformer(folder), SpladePooling("max")]  # pragma: no cover - 5.x
 
 
 def new_pooling(dimension: int, mode: str) -> Any:

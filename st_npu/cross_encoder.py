@@ -30,17 +30,18 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
     """A ``sentence_transformers.CrossEncoder`` that runs on Ascend NPUs.
 
     Args:
-        model_name_or_path: as stock (a folder or a hub id).
+        model_name_or_path: as stock (a folder or a hub id); may be left out where ``modules=`` gives the pipeline.
         device: ``None``/``"auto"`` (``npu:{LOCAL_RANK or 0}`` when an NPU is usable, else cuda, mps, xpu, cpu),
             ``"npu"``, ``"npu:N"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``. torch_npu is loaded as needed.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``, as names or torch dtypes.
         static_shapes, overlap, graphs: as for :class:`st_npu.SentenceTransformer`.
-        **stock_kwargs: any other argument of stock ``CrossEncoder`` (num_labels, max_length, activation_fn, ...).
+        **stock_kwargs: any keyword argument of stock ``CrossEncoder`` in the installed release (modules, num_labels,
+            max_length, activation_fn, its deprecated names, ...), passed as given; stock raises for the others.
     """
 
     def __init__(
         self,
-        model_name_or_path: str | os.PathLike,
+        model_name_or_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         *,
@@ -52,11 +53,15 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         check_dtype_supported(torch_device, torch_dtype)
-        super().__init__(str(model_name_or_path), device=str(torch_device), **stock_kwargs)
-        self.model_spec = recognise_model(self, str(model_name_or_path), reranker=True)
+        # Keywords go to stock as given: it also takes the deprecated names its signature does not show
+        # (model_name=, classifier_dropout=, tokenizer_args=, ...) and says what a missing path means.
+        path = [] if model_name_or_path is None else [str(model_name_or_path)]
+        super().__init__(*path, device=str(torch_device), **stock_kwargs)
+        self.model_spec = recognise_model(self, path[0], reranker=True) if path else None
         template = (self.model_spec or {}).get("chat_template")
-        if template and "query" not in (getattr(self.tokenizer, "chat_template", None) or ""):
-            self.tokenizer.chat_template = template
+        tokenizer = getattr(self, "tokenizer", None)
+        if template and tokenizer is not None and "query" not in (getattr(tokenizer, "chat_template", None) or ""):
+            tokenizer.chat_template = template
         if torch_dtype is not None:
             self.to(torch_dtype)
         accelerate(self, Options(static_shapes, graphs, overlap))

@@ -6,7 +6,7 @@ first; torch_npu's ``transfer_to_npu`` rewrites torch for the whole process and 
 changes two attributes of each model class, keeps each original, and ``undo()``/``unpatch()`` put them back.
 
 What the patch changes (``PatchHandle.changes``), and how each is restored, for ``SentenceTransformer``,
-``CrossEncoder`` and ``SparseEncoder`` alike:
+``CrossEncoder``, ``SparseEncoder`` and (6.3+) ``MultiVectorEncoder`` alike:
 
 - ``__init__`` is wrapped (undo sets the original function back). With no device and no ``device_map`` it picks
   ``npu:{LOCAL_RANK or 0}`` when an NPU is usable; ``"npu"``, ``"npu:N"`` and ``torch.device("npu", N)`` are resolved
@@ -123,8 +123,8 @@ def patch(
     static_shapes: bool | None = None, warmup: bool = False, dtype: str | torch.dtype | None = None,
     graphs: bool | None = None,
 ) -> PatchHandle:
-    """Make every stock ``SentenceTransformer``, ``CrossEncoder`` and ``SparseEncoder`` built from now on
-    NPU-aware, until ``undo()``/``unpatch()``.
+    """Make every stock ``SentenceTransformer``, ``CrossEncoder``, ``SparseEncoder`` and ``MultiVectorEncoder`` built
+    from now on NPU-aware, until ``undo()``/``unpatch()``.
 
     Args:
         static_shapes: pad batches to a few fixed shapes (``st_npu.engine.static_shapes``); ``None`` turns them on for

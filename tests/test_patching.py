@@ -30,8 +30,9 @@ from st_npu.errors import UsageError
 from st_npu.runtime.devices import DeviceError
 
 StockST = sentence_transformers.SentenceTransformer
-MODEL_CLASSES = (sentence_transformers.SentenceTransformer, sentence_transformers.CrossEncoder,
-                 sentence_transformers.SparseEncoder)
+MODEL_CLASSES = tuple(getattr(sentence_transformers, name) for name in
+                      ("SentenceTransformer", "CrossEncoder", "SparseEncoder", "MultiVectorEncoder")
+                      if hasattr(sentence_transformers, name))  # MultiVectorEncoder: 6.3+
 PATCHED = ("__init__", "start_multi_process_pool")
 TEXTS = ["Hello world", "A man is eating food.", "今天天气很好。", "x", "A longer sentence with more tokens. " * 4]
 

@@ -1,6 +1,6 @@
 """Stock ``SparseEncoder`` (SPLADE) under ``st_npu.patch()`` on the emulated npu: the engine pads its batches to
-static shapes (its pooling is not row-wise over a call, so calls are not bucket-grouped) and the sparse
-embeddings equal stock's on the CPU."""
+static shapes, runs a call in sequence-bucket groups (stock stacks the rows, as stock does for the whole call) and the
+sparse embeddings equal stock's on the CPU."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_patch_pads_a_stock_sparse_encoder_and_keeps_its_embeddings(splade_folde
     with st_npu.patch():
         model = _sparse(splade_folder, "npu:6")
     engine = engine_of(model)
-    assert engine is not None and engine.policy is not None and not engine.kind.grouped
+    assert engine is not None and engine.policy is not None and engine.kind.grouped
     shapes = []
     model[0].register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0]["input_ids"].shape)))
     emulator.reset_stats()
@@ -53,3 +53,20 @@ def test_patch_pads_a_stock_sparse_encoder_and_keeps_its_embeddings(splade_folde
     assert all((rows, tokens) in [(r, t) for r in engine.policy.batch_sizes for t in engine.policy.seq_lengths]
                for rows, tokens in shapes)
     assert (got.cpu() - expected).abs().max() <= 1e-5
+
+
+@needs_emulator
+def test_a_sparse_call_runs_in_bucket_groups_and_returns_stock_rows(splade_folder):
+    expected = _sparse(splade_folder, "cpu").encode(TEXTS, batch_size=len(TEXTS))
+    with st_npu.patch():
+        model = _sparse(splade_folder, "npu:5")
+    policy = engine_of(model).policy
+    tokens = model.tokenizer(TEXTS, truncation=True, max_length=model.max_seq_length)["input_ids"]
+    lengths = sorted({policy.seq_bucket(len(ids)) for ids in tokens})
+    assert len(lengths) > 1  # the workload spans buckets, else there is nothing to group
+    shapes = []
+    model[0].register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0]["input_ids"].shape)))
+    got = model.encode(TEXTS, batch_size=len(TEXTS))
+    assert sorted(tokens for _, tokens in shapes) == lengths  # one batch per bucket, not one padded to the longest
+    assert got.is_sparse and got.device == torch.device("npu:5")
+    assert (got.to_dense().cpu() - expected.to_dense()).abs().max() <= 1e-5

@@ -14,6 +14,9 @@ transformers take their NPU branches (``torch_npu`` importable, ``torch.npu.is_a
 What it does not prove: anything about Ascend kernels -- which operators exist on the chip, their numerics
 (fp16/bf16 accumulation, fused kernels), or speed. In inference mode SDPA reaches the device whole and counts as one
 launch where torch_npu would send it to its fused kernel, and as its math steps elsewhere (``sdpa_unfused``).
+Sparse COO tensors live on the device, as torch_npu keeps them (see the sparse section; other sparse layouts are not
+emulated), and LSTM runs whole in inference, as torch_npu's own kernel; a packed sequence's lengths and batch sizes
+stay on the host, where torch requires them.
 Known gaps, all from PyTorch's Python device guard (it reports npu:0 to the C++ side and ignores device switches):
 backward passes run on ``npu:0`` only; ``set_device`` and ``torch.npu.device`` steer where factory functions put a
 bare ``"npu"``, but ``Tensor.to("npu")`` always picks ``npu:0``; ``Tensor.new(...)`` lands on the current device,
@@ -68,6 +71,15 @@ _SET_OPS = frozenset({"aten::set_.source_Storage", "aten::set_.source_Storage_st
                       "aten::set_.source_Tensor", "aten::set_.source_Tensor_storage_offset"})
 # Like CUDA, torch_npu accepts CPU index tensors when indexing a device tensor.
 _CPU_OPERAND_OPS = frozenset({"aten::index.Tensor", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
+# Operands that torch itself keeps on the CPU whatever the device: a packed sequence's lengths and batch sizes
+# (torch.nn.utils.rnn requires them there, and the RNN kernels read them on the host).
+_HOST_ARGUMENTS = {"aten::_pack_padded_sequence": "lengths", "aten::_pad_packed_sequence": "batch_sizes",
+                   "aten::lstm.data": "batch_sizes", "aten::gru.data": "batch_sizes",
+                   "aten::rnn_tanh.data": "batch_sizes", "aten::rnn_relu.data": "batch_sizes"}
+_RNN_OPERATORS = ("lstm.input", "lstm.data")
+# Results torch makes on the host from a device input, by position: a packed sequence's batch sizes and the lengths
+# unpacking gives back.
+_HOST_RESULTS = {"aten::_pack_padded_sequence": 1, "aten::_pad_packed_sequence": 1}
 
 
 @dataclass
@@ -192,12 +204,20 @@ def install(devices: int = 8, compile_delay_s: float = 0.0, memory_limit_bytes: 
             _setup_privateuseone_for_python_backend(rename="npu", backend_module=_TorchNpu("torch.npu"))
             _libraries.extend((torch.library.Library("_", "IMPL"), torch.library.Library("aten", "IMPL")))
             _libraries[0].fallback(_fallback, dispatch_key="PrivateUse1")
+            _libraries[0].fallback(_sparse_fallback, dispatch_key="SparsePrivateUse1")
+            for name in _sparse_operators():  # a generic kernel would win over the fallback, as for dense
+                _libraries[1].impl(name, functools.partial(_sparse_fallback, _overload(name)), "SparsePrivateUse1")
             for name in _whole_operators():
                 _libraries[1].impl(name, functools.partial(_fallback, _overload(name)), "PrivateUse1")
             # SDPA is composite. A device sees it whole (and can pick its fused kernel) with autograd off, in
             # inference mode; under autograd it is split into the math steps, as before a backend kernel.
             _libraries[1].impl("scaled_dot_product_attention", functools.partial(_fallback, _SDPA), "PrivateUse1")
             _libraries[1].impl("scaled_dot_product_attention", _SDPA.decompose, "AutogradPrivateUse1")
+            # torch_npu has LSTM kernels of its own (op-plugin's lstm.input and lstm.data): taken whole,
+            # as torch's own split of them calls a fused cell only CUDA has. Inference only: under autograd they
+            # are still split, and that cell does not run here.
+            for name in _RNN_OPERATORS:
+                _libraries[1].impl(name, functools.partial(_fallback, _overload(name)), "PrivateUse1")
             torch.Tensor.new_tensor = _new_tensor_on_its_device(torch.Tensor.new_tensor)
             torch.UntypedStorage.__new__ = _npu_storages(torch.UntypedStorage.__new__)
             for kind in (torch.Tensor, torch.nn.Parameter):
@@ -462,7 +482,7 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
         out_index = _index(target) if target.type == "npu" else None
         target = torch.device("npu", out_index) if target.type == "npu" else target
     if name not in _COPY_OPS:
-        _check_same_device(name, tensors)
+        _check_same_device(name, _device_operands(func, args, kwargs, tensors))
     devices = {t.device for t in tensors} | ({target} if target is not None else set())
     transfer = name == "aten::_local_scalar_dense" or (name in _COPY_OPS and len(devices) > 1)
     kernel = not (transfer or name in _SET_OPS or name in _NO_KERNEL_OPS or _is_view(func))
@@ -506,6 +526,8 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
     def to_npu(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
+        if x.is_sparse:  # to_sparse and friends: new memory, on the device the operator ran on
+            return x if out_index is None else _sparse_on(x, out_index)
         original = inputs.get(id(x))
         if original is not None:
             if (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride()) != (
@@ -521,7 +543,11 @@ def _run(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> An
         _account(x, out_index)
         return _device_tensor(x, out_index)
 
-    output = pytree.tree_map(to_npu, result)
+    host_result = _HOST_RESULTS.get(name)
+    if host_result is None:
+        output = pytree.tree_map(to_npu, result)
+    else:
+        output = tuple(part if position == host_result else to_npu(part) for position, part in enumerate(result))
     if capture is not None:
         capture.record(func, args, kwargs, output)
     return output
@@ -557,6 +583,18 @@ def _is_view(func: torch._ops.OpOverload) -> bool:
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
+def _device_operands(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any],
+                     tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors of an operator call that must be on its device: all but the operand torch keeps on the host."""
+    host_argument = _HOST_ARGUMENTS.get(func.name())
+    if host_argument is None:
+        return tensors
+    names = [argument.name for argument in func._schema.arguments]
+    given = kwargs.get(host_argument, args[names.index(host_argument)] if names.index(host_argument) < len(args)
+                       else None)
+    return [t for t in tensors if t is not given or t.device.type != "cpu"]
+
+
 def _check_same_device(name: str, tensors: list[torch.Tensor]) -> None:
     # CPU scalars (0-dim) mix with device tensors, as on CUDA; anything else on another device is a plumbing bug.
     on = {t.device for t in tensors if _is_npu(t) or (t.dim() > 0 and name not in _CPU_OPERAND_OPS)}
@@ -582,6 +620,119 @@ def _record(index: int, name: str, tensors: list[torch.Tensor], kernel: bool, ca
         delay = emulator.compile_delay_s
     if compiles and delay:
         time.sleep(delay)
+
+
+# --- sparse tensors ----------------------------------------------------------------------------------------------
+# torch_npu holds sparse COO tensors on the device (its native API tables list to_sparse_coo, coalesce,
+# is_coalesced, sparse_resize_; its tests build torch.sparse_coo_tensor from npu indices and values and check that
+# to_sparse on npu:1 keeps indices and values on npu:1). Here an npu COO tensor is PyTorch's own SparseTensorImpl
+# whose indices and values are npu tensors. Operators that only read or set those fields run PyTorch's SparseCPU
+# kernels on it as it is; every other operator runs on a CPU COO tensor over the same memory, and a COO result
+# comes back to the device as new npu indices and values. Each counts as one launch (and compiles once per
+# signature), as the dense operators do. Not emulated: the compressed layouts (CSR, CSC, BSR, BSC), which raise
+# here; and which sparse operators the chip lacks (older CANN tables mark torch.sparse.mm unsupported): every COO
+# operator runs as the CPU runs it. A sparse operator in graph capture raises (its output size depends on data).
+
+_SPARSE_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.SparseCPU)
+_SPARSE_NEW = torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors.default
+# Operators whose SparseCPU kernels only read or set a COO tensor's fields (or alias its indices and values).
+_SPARSE_FIELD_OPS = frozenset({
+    "aten::_indices", "aten::_values", "aten::indices", "aten::values", "aten::_nnz", "aten::sparse_dim",
+    "aten::dense_dim", "aten::_dimI", "aten::_dimV", "aten::is_coalesced", "aten::_coalesced_",
+    "aten::_sparse_coo_tensor_with_dims_and_tensors", "aten::_sparse_coo_tensor_with_dims",
+    "aten::sparse_resize_", "aten::sparse_resize_and_clear_",
+})
+
+
+def _sparse_operators() -> list[str]:
+    """The aten operators PyTorch has a sparse CPU kernel for: on npu each runs as that kernel does."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return [name.removeprefix("aten::") for name in torch._C._dispatch_get_all_op_names()
+            if name.startswith("aten::") and has(name, "SparseCPU")]
+
+
+class _current_device:
+    """The emulator's current device set to ``index`` for a block: PyTorch makes a new sparse tensor's fields on the
+    current device and then requires them on the tensor's, so a tensor for npu:N is made with npu:N current."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __enter__(self) -> None:
+        self.previous = _require().current
+        _require().current = self.index
+
+    def __exit__(self, *exc: object) -> None:
+        _require().current = self.previous
+
+
+def _sparse_on(cpu: torch.Tensor, index: int) -> torch.Tensor:
+    """An npu:``index`` COO tensor holding a CPU COO tensor's indices and values (their memory becomes the device's)."""
+    fields = []
+    for part in (cpu._indices(), cpu._values()):
+        _account(part, index)
+        fields.append(_device_tensor(part, index))
+    with _current_device(index):
+        return _SPARSE_NEW.redispatch(_SPARSE_CPU_KEYS, cpu.sparse_dim(), cpu.dense_dim(), cpu.shape, *fields,
+                                      dtype=cpu.dtype, layout=torch.sparse_coo, device=torch.device("npu", index),
+                                      pin_memory=None, is_coalesced=cpu.is_coalesced())
+
+
+def _sparse_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU COO tensor over an npu COO tensor's indices and values, for running one operator."""
+    return torch.sparse_coo_tensor(_host(tensor._indices()), _host(tensor._values()), tensor.shape,
+                                   is_coalesced=tensor.is_coalesced(), check_invariants=False)
+
+
+def _sparse_fallback(func: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
+    name = func.name()
+    tensors = [x for x in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(x, torch.Tensor)]
+    if any(t.layout not in (torch.strided, torch.sparse_coo) for t in tensors):
+        raise NotImplementedError(f"the npu emulator holds sparse tensors in COO layout only (operator {name})")
+    npu_tensors = [t for t in tensors if _is_npu(t)]
+    target = kwargs.get("device")
+    if target is not None and target.type == "npu":
+        out_index: int | None = _index(target)
+    else:
+        out_index = npu_tensors[0].device.index if npu_tensors and target is None else None
+    index = npu_tensors[0].device.index if npu_tensors else out_index
+    if name not in _COPY_OPS:
+        _check_same_device(name, tensors)
+    if _capture_on(index) is not None:
+        _capture_on(index).failed = name
+        raise RuntimeError(_CAPTURE_ERROR)
+    if name in _SPARSE_FIELD_OPS:
+        _record(index, name, tensors, kernel=False)
+        with _current_device(out_index if out_index is not None else index):
+            return func.redispatch(_SPARSE_CPU_KEYS, *args, **kwargs)
+    transfer = name in _COPY_OPS and len({t.device for t in tensors} | ({target} if target else set())) > 1
+    _record(index, name, tensors, kernel=not transfer)
+    hosts = {id(t): _sparse_host(t) if t.is_sparse else _host(t) for t in npu_tensors}
+
+    def to_cpu(x: Any) -> Any:
+        if _is_npu(x):
+            return hosts[id(x)]
+        return _HOST if isinstance(x, torch.device) and x.type == "npu" else x
+
+    result = func(*pytree.tree_map(to_cpu, args), **pytree.tree_map(to_cpu, kwargs))
+    originals = {id(hosts[id(t)]): t for t in npu_tensors}
+
+    def to_npu(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        original = originals.get(id(x))
+        if original is not None:  # in place: a dense argument's memory has the result; a sparse one gets new fields
+            if original.is_sparse:
+                torch.ops.aten.copy_.default.redispatch(_SPARSE_CPU_KEYS, original, _sparse_on(x, index))
+            return original
+        if out_index is None:
+            return x
+        if x.is_sparse:
+            return _sparse_on(x, out_index)
+        _account(x, out_index)
+        return _device_tensor(x, out_index)
+
+    return pytree.tree_map(to_npu, result)
 
 
 # --- memory ------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ every stock model it sees built, the server and the corpus workers on the models
 :class:`Engine` on the model through public extension points only: instance attributes that shadow the stock entry
 (``encode``/``predict``), ``preprocess`` and ``forward`` (see ``_compat.Kind`` for why those), forward hooks for the
 attention masks, and ``_input_length`` (the order stock sorts a call's inputs in). ``Engine.undo()`` removes them all.
+Where the model's class has an entry that is not stock's (a mock or wrapper set on the class, a subclass's
+override), the shadowing entry calls that one as it is and the engine steps aside for the call.
 
 What every accelerated model gets, whichever door it came through:
 - the input check (:mod:`.checks`) and a known model's per-prompt length limit (llm-embedder: 256-token queries);
@@ -139,6 +141,8 @@ class Engine:
         """The stock entry (``encode``/``predict``), run by bucket groups from tokens computed once."""
         model = self.model
         stock_entry = getattr(type(model), self.kind.entry)
+        if self.kind.replaced_on(model):  # the caller's own entry, called as they wrote it
+            return stock_entry(model, *args, **kwargs)
         try:
             bound = self.signature.bind(model, *args, **kwargs)
         except TypeError:  # a bad call: let stock say what is wrong with it

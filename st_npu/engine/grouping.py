@@ -44,12 +44,13 @@ def groupable(model: Any, kind: _compat.Kind, options: dict[str, Any], items: An
     if kind.entry == "predict":
         return all(isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
                    for pair in items)
-    return options.get("output_value") == "sentence_embedding" and all(isinstance(text, str) for text in items)
+    return (options.get("output_value", kind.row_output) == kind.row_output
+            and all(isinstance(text, str) for text in items))
 
 
 def call_tails(model: Any, kind: _compat.Kind, options: dict[str, Any]) -> Tails:
     """The tails a grouped call applies in the forward; the call's own options then turn them off for stock."""
-    if kind.entry != "encode":
+    if kind.entry != "encode" or kind.stacked:
         return Tails()
     truncate_dim = options["truncate_dim"] if options["truncate_dim"] is not None else model.truncate_dim
     return Tails(truncate_dim, bool(options["normalize_embeddings"]))
@@ -64,6 +65,8 @@ def run(model: Any, kind: _compat.Kind, bound: inspect.BoundArguments, items: li
     options.pop("self", None)
     extra = options.pop("kwargs", {})
     options.pop(next(iter(list(bound.signature.parameters)[1:2])))
+    if kind.stacked:
+        return _run_stacked(stock_entry, model, options, extra, items, singular, positions, before_group)
     precision = options.pop("precision", None)
     convert_to_tensor = options.pop("convert_to_tensor")
     convert_to_numpy = options.pop("convert_to_numpy") and not convert_to_tensor
@@ -91,4 +94,22 @@ def run(model: Any, kind: _compat.Kind, bound: inspect.BoundArguments, items: li
         result: Any = tensor if convert_to_tensor else list(tensor)
     else:
         result = rows
+    return result[0] if singular else result
+
+
+def _run_stacked(stock_entry: Callable[..., Any], model: Any, options: dict[str, Any], extra: dict[str, Any],
+                 items: list[Any], singular: bool, positions: list[list[int]],
+                 before_group: Callable[[list[Any], int], None] | None) -> Any:
+    """A call whose rows stock stacks itself (a sparse encoder): each group's rows as stock makes them, stacked in
+    input order as stock stacks a call's rows, then given back as the call asked (a tensor or a list of rows)."""
+    convert_to_tensor = options.pop("convert_to_tensor")
+    rows: list[Any] = [None] * len(items)
+    for indices in positions:
+        group = [items[i] for i in indices]
+        if before_group is not None:
+            before_group(group, options["batch_size"])
+        for position, row in zip(indices, stock_entry(model, group, convert_to_tensor=False, **options, **extra)):
+            rows[position] = row
+    stacked = torch.stack(rows)
+    result = stacked if convert_to_tensor else list(stacked)
     return result[0] if singular else result

@@ -95,8 +95,8 @@ def static_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     return _save_stock(folder, [_static(dim, seed)])
 
 
-def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
-    """WordEmbeddings + mean Pooling (as average_word_embeddings_*) over a small whitespace vocabulary."""
+def _word_embeddings(dim: int, seed: int) -> object:
+    """Random WordEmbeddings over a small whitespace vocabulary (MiniLM's alphabetic words)."""
     import torch
 
     from st_npu import _compat
@@ -105,9 +105,25 @@ def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vocab = [line.strip() for line in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines()]
     vocab = [word for word in vocab if word.isalpha()][:2000]
-    words = modules.WordEmbeddings(modules.tokenizer.WhitespaceTokenizer(vocab, do_lower_case=True),
-                                   torch.randn(len(vocab), dim))
-    return _save_stock(folder, [words, modules.Pooling(dim, "mean")])
+    return modules.WordEmbeddings(modules.tokenizer.WhitespaceTokenizer(vocab, do_lower_case=True),
+                                  torch.randn(len(vocab), dim))
+
+
+def word_embeddings_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    """WordEmbeddings + mean Pooling (as average_word_embeddings_*) over a small whitespace vocabulary."""
+    from st_npu import _compat
+
+    return _save_stock(folder, [_word_embeddings(dim, seed), _compat.stock_modules.Pooling(dim, "mean")])
+
+
+def lstm_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    """WordEmbeddings + a bidirectional LSTM + mean Pooling: its forward packs padded sequences, lengths on the CPU."""
+    from st_npu import _compat
+
+    modules = _compat.stock_modules
+    words = _word_embeddings(dim, seed)
+    lstm = modules.LSTM(dim, dim)  # positional: 6.x renamed word_embedding_dimension
+    return _save_stock(folder, [words, lstm, modules.Pooling(2 * dim, "mean")])
 
 
 def router_folder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
@@ -372,7 +388,53 @@ SHAPES = {
     "bert-reranker": ("a BERT cross-encoder (sequence classification)", cross_encoder_folder),
     "xlmr-reranker": ("an XLM-R cross-encoder (bge-reranker's architecture)",
                       lambda folder: cross_encoder_folder(folder, "xlm-roberta")),
+    "splade": ("a SPLADE SparseEncoder (BertForMaskedLM, max SpladePooling)", lambda folder: splade_folder(folder)),
+    "multi-vector": ("a ColBERT-style MultiVectorEncoder (sentence-transformers 6.3+)",
+                     lambda folder: multi_vector_folder(folder)),
 }
+
+
+def _bert_backbone(folder: Path, head: str, seed: int) -> Path:
+    """A tiny ``transformers`` BERT (``BertModel`` or ``BertForMaskedLM``) with MiniLM's tokenizer, no ST files."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **TINY)
+    getattr(transformers, head)(config).eval().save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_folder() / name, folder / name)
+    write_json(folder / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                                                  "model_max_length": 512})
+    return folder
+
+
+def splade_folder(folder: Path, seed: int = 0) -> Path:
+    """A SPLADE ``SparseEncoder`` folder (a tiny BertForMaskedLM and max SpladePooling), saved by stock."""
+    from st_npu import _compat
+
+    folder = Path(folder)
+    backbone = _bert_backbone(folder.with_name(folder.name + "-mlm"), "BertForMaskedLM", seed)
+    _compat.StockSparseEncoder(modules=_compat.splade_modules(str(backbone)), device="cpu").save(str(folder))
+    return folder
+
+
+def multi_vector_folder(folder: Path, seed: int = 0) -> Path:
+    """A ``MultiVectorEncoder`` (ColBERT-style, sentence-transformers 6.3+) folder as stock builds one from a bare
+    transformer: tiny BERT, a token-level projection, the scoring mask and Normalize."""
+    import torch
+
+    from st_npu import _compat
+
+    if _compat.StockMultiVectorEncoder is None:
+        raise RuntimeError(f"sentence-transformers {_compat.stock_version()} has no MultiVectorEncoder (6.3+)")
+    folder = Path(folder)
+    backbone = _bert_backbone(folder.with_name(folder.name + "-bert"), "BertModel", seed)
+    torch.manual_seed(seed)
+    _compat.StockMultiVectorEncoder(str(backbone), device="cpu").save(str(folder))
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,6 +51,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen3-reranker-left": lambda folder: fixtures.qwen3_reranker_folder(folder, "left"),
         "qwen3-reranker-right": lambda folder: fixtures.qwen3_reranker_folder(folder, "right"),
         "bge-m3": fixtures.bge_m3_folder,
+        "reranker": fixtures.cross_encoder_folder,
+        "splade": fixtures.splade_folder,
+        "multi_vector": fixtures.multi_vector_folder,
+        "lstm": fixtures.lstm_folder,
     }
 
     class Folders(dict):

@@ -45,6 +45,22 @@ class Door:
     def load(self, path: Any, **kwargs: Any) -> Any:
         return self.cls(str(path), device=self.device, **kwargs)
 
+    def build(self, class_name: str, *args: Any, **kwargs: Any) -> Any:
+        """A model of stock's class ``class_name`` built through this door, on its device: st_npu's own class where
+        it has one (cpu, npu), else stock's class under ``st_npu.patch()``, the way st_npu takes it."""
+        stock = getattr(sentence_transformers, class_name)
+        kwargs.setdefault("device", self.device)
+        own = OWN_CLASSES.get(class_name)
+        if self.name in ("stock", "patch"):
+            return stock(*args, **kwargs)
+        if own is not None:
+            return own(*args, **kwargs)
+        with st_npu.patch():
+            return stock(*args, **kwargs)
+
+
+OWN_CLASSES = {"SentenceTransformer": st_npu.SentenceTransformer, "CrossEncoder": st_npu.CrossEncoder}
+
 
 STOCK = Door("stock", sentence_transformers.SentenceTransformer, "cpu")
 DOORS = {
