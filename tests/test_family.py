@@ -36,3 +36,24 @@ def test_a_sliding_window_counts_only_where_it_narrows_attention_within_the_text
     assert not family._windowed(SimpleNamespace(sliding_window=4096, layer_types=["full_attention"]), 32768)
     assert family._windowed(SimpleNamespace(sliding_window=4096, layer_types=["sliding_attention"]), 32768)
     assert not family._windowed(SimpleNamespace(sliding_window=None), 32768)
+
+
+def test_a_decoders_key_value_cache_is_off_while_the_engine_is_installed_and_back_after_undo(tmp_path):
+    """sentence-transformers 5.x loads decoders with ``use_cache`` on: each forward then builds a cache from a host
+    tensor, which graph capture refuses. The engine turns it off (no output changes) and undo restores it."""
+    import numpy as np
+    import sentence_transformers
+
+    from st_npu.engine import accelerate
+    from st_npu.testing.fixtures import qwen3_embedder_folder
+
+    model = sentence_transformers.SentenceTransformer(str(qwen3_embedder_folder(tmp_path / "q3")), device="cpu")
+    config = model[0].auto_model.config
+    config.use_cache = True  # as 5.x leaves it
+    texts = ["a decoder", "embeds these texts"]
+    before = model.encode(texts)
+    engine = accelerate(model)
+    assert engine.family.caches and config.use_cache is False
+    assert np.abs(model.encode(texts) - before).max() <= 1e-6
+    engine.undo()
+    assert config.use_cache is True

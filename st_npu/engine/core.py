@@ -86,6 +86,8 @@ class Engine:
         self.inputs_name = list(self.signature.parameters)[1]
         self.family = family.learn(model)
         self.left, self.pad_id = self.family.left, self.family.pad_id  # where padding goes and with which id
+        if self.family.caches:  # no call reads a key/value cache; building one each forward stops graph capture
+            model[0].auto_model.config.use_cache = False
         self.prefetch = options.overlap if options.overlap is not None else device.type != "cpu"
         self.last_prefetch = {"hits": 0, "misses": 0}
         self.backoff = Backoff()
@@ -96,7 +98,8 @@ class Engine:
         model.__dict__.update(self._shadowed)
 
     def undo(self) -> None:
-        """Stock behaviour again: every shadowing attribute and hook removed, graphs dropped."""
+        """Stock behaviour again: every shadowing attribute and hook removed, graphs dropped, a decoder's cache setting
+        restored."""
         for name, value in self._shadowed.items():
             if self.model.__dict__.get(name) is value:
                 del self.model.__dict__[name]
@@ -105,6 +108,8 @@ class Engine:
         self.hooks = []
         if self.graphs is not None:
             self.graphs.graphs.clear()
+        if self.family.caches:
+            self.model[0].auto_model.config.use_cache = True
 
     # --- policy --------------------------------------------------------------------------------------------------
 

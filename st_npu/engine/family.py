@@ -11,6 +11,9 @@ e5-mistral) differ in what the engine must keep when it pads batches to static s
   causal LM it scores with ``LogitScore``, which reads the last position whatever the mask says).
 - ``last_logits_only``: a causal LM whose features carry ``logits_to_keep`` (stock's text-generation Transformer):
   its LM head runs at the last position only, and every path (graphs included) must pass that on.
+- ``caches``: a decoder whose config asks for a key/value cache (``use_cache``; sentence-transformers 6.x turns it
+  off when it loads a model, 5.x leaves it on). Every forward then builds a cache nothing reads, from a host tensor
+  (a host-to-device copy that graph capture refuses): the engine turns it off while it is installed.
 Pooling finds the first or last real token from the attention mask (stock's Pooling), so where the output is read
 needs nothing of the engine beyond keeping each row's real tokens where the tokenizer put them.
 """
@@ -28,6 +31,7 @@ class Family:
     left: bool
     pad_id: int
     last_logits_only: bool
+    caches: bool
 
 
 def learn(model: Any) -> Family:
@@ -42,6 +46,7 @@ def learn(model: Any) -> Family:
         left=getattr(tokenizer, "padding_side", "right") == "left",
         pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
         last_logits_only=getattr(first, "transformer_task", None) in ("text-generation", "any-to-any"),
+        caches=getattr(config, "use_cache", False) is True,
     )
 
 
