@@ -188,7 +188,33 @@ def cross_encoder_folder(folder: Path, architecture: str = "bert", num_labels: i
     return folder
 
 
-def _xlmr_tokenizer() -> object:
+def xlmr_embedder_folder(folder: Path, max_seq_length: int = 8192, seed: int = 0) -> Path:
+    """A bge-m3-shaped embedder (XLMRobertaModel, CLS pooling, Normalize, ``max_seq_length`` tokens) at TINY size,
+    random weights, the byte-level tokenizer of :func:`cross_encoder_folder`'s XLM-R."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = _xlmr_tokenizer(max_seq_length)
+    # XLM-R's positions start after the padding index: max_seq_length + 2 of them.
+    config = transformers.XLMRobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_seq_length + 2,
+                                           pad_token_id=tokenizer.pad_token_id, type_vocab_size=1, **TINY)
+    transformers.XLMRobertaModel(config, add_pooling_layer=False).eval().save_pretrained(folder,
+                                                                                        safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    write_json(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+    write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": TINY["hidden_size"],
+                                                      "pooling_mode_cls_token": True})
+    return folder
+
+
+def _xlmr_tokenizer(model_max_length: int = 512) -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -202,7 +228,7 @@ def _xlmr_tokenizer() -> object:
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                                   model_max_length=512)
+                                   model_max_length=model_max_length)
 
 
 def main(argv: list[str] | None = None) -> None:
