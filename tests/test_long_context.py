@@ -147,3 +147,20 @@ def test_the_server_answers_an_error_for_a_float16_overflow(overflowing):
         assert answer.json()["error_type"]
     finally:
         assert server.stop() == 0
+
+
+def test_a_row_too_long_for_the_device_alone_names_its_index_tokens_and_a_length_that_fits(tiny_cls):
+    model = st_npu.SentenceTransformer(tiny_cls, device="cpu")
+
+    def oom(module, args):  # a device that holds at most 8 rows of 40 tokens, or one row of 40
+        rows, length = args[0]["input_ids"].shape
+        if rows * length > 320 or length > 40:
+            raise torch.OutOfMemoryError("injected: NPU out of memory")
+
+    model[0].register_forward_pre_hook(oom)
+    texts = ["short one", "another short text", " ".join(["word"] * 98), "last"]
+    with pytest.raises(torch.OutOfMemoryError, match=r"input 2 \(100 tokens\) alone; it would fit truncated to "
+                                                     r"(3[3-9]|40) tokens") as caught:
+        model.encode(texts, batch_size=8)
+    assert (caught.value.index, caught.value.tokens) == (2, 100) and 32 < caught.value.fits <= 40
+    assert model.encode(texts[:2] + texts[3:], batch_size=8).shape == (3, 32)  # what fits still runs

@@ -58,23 +58,31 @@ class Backoff:
 
 def _row_error(forward: Callable[..., dict[str, Any]], features: dict[str, Any], device: torch.device,
                kwargs: dict[str, Any], positions: Sequence[int] | None) -> RowOutOfMemoryError:
-    """The error for a single row that does not fit: the longest halved length that does, found by trying."""
-    mask = features.get("attention_mask")
-    ids = features.get("input_ids")
-    tokens = int(mask.sum()) if isinstance(mask, torch.Tensor) else (ids.shape[-1] if ids is not None else 0)
-    length, fits = (ids.shape[-1] if isinstance(ids, torch.Tensor) else 0) // 2, None
-    while length >= 1 and fits is None:
+    """The error for a single row that does not fit, with the longest length that does: halved until a forward
+    fits, then bisected (to 8 tokens) between that and the double that did not."""
+    mask, ids = features.get("attention_mask"), features.get("input_ids")
+    width = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.ndim == 2 else 0
+    tokens = int(mask.sum()) if isinstance(mask, torch.Tensor) else width
+
+    def fits(length: int) -> bool:
         cut = {key: value[:, :length] if isinstance(value, torch.Tensor) and value.ndim >= 2
-               and value.shape[1] == ids.shape[1] else value for key, value in features.items()}
+               and value.shape[1] == width else value for key, value in features.items()}
         try:
             forward(cut, **kwargs)
-            fits = length
+            return True
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
             _empty_cache(device)
-            length //= 2
-    return RowOutOfMemoryError(positions[0] if positions else None, tokens, fits, device)
+            return False
+
+    high, low = width, width // 2
+    while low >= 1 and not fits(low):
+        high, low = low, low // 2
+    while low >= 1 and high - low > 8:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return RowOutOfMemoryError(positions[0] if positions else None, tokens, low or None, device)
 
 
 def _rows(features: dict[str, Any]) -> int:
