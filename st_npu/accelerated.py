@@ -17,7 +17,7 @@ class AcceleratedModel:
         """Compile every shape an encode with ``batch_size`` forms under the token budget (``max_batch_tokens``, or
         a smaller ``max_tokens``), now, and capture each one's graph where graph mode is on; returns how many shapes
         ran. On Ascend each shape compiles its operators once (minutes the first time, seconds once CANN's operator
-        cache holds them); on the CPU, without static shapes, it runs the same bucket shapes once, as encoding them
+        cache holds them); on the CPU, without static shapes, it runs the same bucket shapes, as encoding them
         would. A progress bar counts the shapes and a summary line gives shapes, graphs, the budget and the time.
         """
         engine = engine_of(self)

@@ -326,7 +326,7 @@ class Engine:
     def warmup(self, batch_size: int = 32, max_tokens: int | None = None, show_progress_bar: bool = True) -> int:
         """Compile every shape a call with ``batch_size`` forms under the token budget (:meth:`compile_shapes`), then
         capture each one's graph where graph mode is on (:meth:`capture`); returns how many shapes ran. Without
-        static shapes (the CPU) it runs the same bucket shapes once, as encoding them would. A progress bar counts
+        static shapes (the CPU) it runs the same bucket shapes, as encoding them would. A progress bar counts
         the shapes; a summary line on standard error gives shapes, graphs, the budget and the time."""
         from tqdm.auto import tqdm
 
