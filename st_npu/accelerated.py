@@ -14,17 +14,16 @@ class AcceleratedModel:
     """Mixed in before the stock class (``class SentenceTransformer(AcceleratedModel, stock)``)."""
 
     def warmup(self, batch_size: int = 32, show_progress_bar: bool = True, max_tokens: int | None = None) -> int:
-        """Compile every static shape an encode with ``batch_size`` can meet, now, and capture each one's graph
-        where graph mode is on; returns how many shapes ran. ``max_tokens`` skips shapes of more padded tokens
-        (rows x length) than that, for callers that never form such batches.
-
-        On Ascend each shape compiles its operators once: BERT-base at batch 32 has 36 shapes, minutes in all
-        the first time (seconds once CANN's operator cache holds them). A progress bar counts the shapes and a
-        summary line gives the time.
+        """Compile every shape an encode with ``batch_size`` forms under the token budget (``max_batch_tokens``, or
+        a smaller ``max_tokens``), now, and capture each one's graph where graph mode is on; returns how many shapes
+        ran. On Ascend each shape compiles its operators once (minutes the first time, seconds once CANN's operator
+        cache holds them); on the CPU, without static shapes, it runs the same bucket shapes, as encoding them
+        would. A progress bar counts the shapes and a summary line gives shapes, graphs, the budget and the time.
         """
         engine = engine_of(self)
         if engine is None:
-            raise RuntimeError("warmup() needs static shapes, which this model's modules do not take.")
+            raise RuntimeError("warmup() has nothing to compile: this model's first module is no Hugging Face "
+                               "transformer, so it runs stock's path as it is.")
         return engine.warmup(batch_size, max_tokens=max_tokens, show_progress_bar=show_progress_bar)
 
     def start_multi_process_pool(self, target_devices: list[str] | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from types import ModuleType
 
 from st_npu import __version__
 from st_npu.commands import COMMANDS
-from st_npu.errors import UsageError
+from st_npu.errors import NonFiniteError, UsageError
 from st_npu.runtime.hints import load_failure_message
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_error_message(exc: Exception) -> str | None:
     """The one line to show for an error the user can fix; None for anything else (a bug: show its traceback)."""
-    if isinstance(exc, UsageError):
+    if isinstance(exc, (UsageError, NonFiniteError)):
         return str(exc)
     from st_npu.files.inputs import InputError
     from st_npu.loading.folder import ModelFolderError, ModelNotFoundError

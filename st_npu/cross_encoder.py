@@ -21,7 +21,7 @@ import torch
 
 from st_npu import _compat
 from st_npu.accelerated import AcceleratedModel
-from st_npu.engine import Options, ShapePolicy, accelerate
+from st_npu.engine import Options, ShapePolicy, accelerate, check_budget
 from st_npu.loading.folder import recognise_model
 from st_npu.runtime.devices import check_dtype_supported, resolve_device, resolve_dtype
 
@@ -34,7 +34,7 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
         device: ``None``/``"auto"`` (``npu:{LOCAL_RANK or 0}`` when an NPU is usable, else cuda, mps, xpu, cpu),
             ``"npu"``, ``"npu:N"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``. torch_npu is loaded as needed.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``, as names or torch dtypes.
-        static_shapes, overlap, graphs: as for :class:`st_npu.SentenceTransformer`.
+        static_shapes, overlap, graphs, max_batch_tokens: as for :class:`st_npu.SentenceTransformer`.
         **stock_kwargs: any keyword argument of stock ``CrossEncoder`` in the installed release (modules, num_labels,
             max_length, activation_fn, its deprecated names, ...), passed as given; stock raises for the others.
     """
@@ -48,8 +48,10 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
         static_shapes: bool | ShapePolicy | None = None,
         overlap: bool | None = None,
         graphs: bool | None = None,
+        max_batch_tokens: int | None = None,
         **stock_kwargs: Any,
     ) -> None:
+        check_budget(max_batch_tokens)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         check_dtype_supported(torch_device, torch_dtype)
@@ -64,4 +66,4 @@ class CrossEncoder(AcceleratedModel, _compat.StockCrossEncoder):
             tokenizer.chat_template = template
         if torch_dtype is not None:
             self.to(torch_dtype)
-        accelerate(self, Options(static_shapes, graphs, overlap))
+        accelerate(self, Options(static_shapes, graphs, overlap, max_batch_tokens=max_batch_tokens))

@@ -9,3 +9,18 @@ class UsageError(Exception):
 
 class InvalidValueError(UsageError, ValueError):
     """A bad argument value where a Python caller expects ``ValueError`` (as stock raises, or as it always did)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A call produced NaN or infinite embeddings or scores (a float16 overflow, mostly): raised instead of
+    returning them. ``indices`` are the call's input positions with such rows; ``dtype`` is the model's."""
+
+    def __init__(self, indices: list[int], count: int, dtype: object, entry: str = "encode") -> None:
+        self.indices, self.dtype = list(indices), dtype
+        shown = ", ".join(str(index) for index in self.indices[:10]) + (", ..." if len(self.indices) > 10 else "")
+        name = str(dtype).removeprefix("torch.")
+        fix = ("float16 overflows past 65,504: load the model in bfloat16 (same range as float32) or float32, "
+               "e.g. dtype=\"bfloat16\" or --dtype bfloat16" if name == "float16" else
+               "load the model in float32 (dtype=\"float32\", --dtype float32) or check its weights")
+        super().__init__(f"{entry} produced NaN or infinite values for {len(self.indices)} of {count} inputs "
+                         f"(indices {shown}) with the model in {name}: {fix}")

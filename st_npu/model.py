@@ -16,7 +16,7 @@ import torch
 
 from st_npu import _compat
 from st_npu.accelerated import AcceleratedModel
-from st_npu.engine import Options, ShapePolicy, accelerate
+from st_npu.engine import Options, ShapePolicy, accelerate, check_budget
 from st_npu.loading.folder import DEFAULT_MODEL, read_model_folder, resolve_model_path, spec_by_name
 from st_npu.loading.pipeline import stock_arguments
 from st_npu.runtime.devices import check_dtype_supported, resolve_device, resolve_dtype
@@ -45,6 +45,10 @@ class SentenceTransformer(AcceleratedModel, _compat.StockSentenceTransformer):
         graphs: capture each static shape's forward as a device graph in ``warmup()`` and replay it
             (:mod:`st_npu.engine.graphs`); ``None`` turns it on where static shapes are on and the device can capture
             (NPU with ``torch.npu.NPUGraph``, not 910A; CUDA), ``True`` insists (an error says why it cannot).
+        max_batch_tokens: the token budget of one batch, padded rows x padded length (``None``: 16,384, TEI's
+            default): long texts run fewer rows per batch, short ones the full ``batch_size``, a text longer than
+            the budget alone; warm-up compiles only the shapes under it. Settable later as
+            ``st_npu.engine.engine_of(model).max_batch_tokens``.
         **stock_kwargs: any other argument of stock ``SentenceTransformer`` (prompts, model_kwargs, ...).
     """
 
@@ -58,12 +62,14 @@ class SentenceTransformer(AcceleratedModel, _compat.StockSentenceTransformer):
         static_shapes: bool | ShapePolicy | None = None,
         overlap: bool | None = None,
         graphs: bool | None = None,
+        max_batch_tokens: int | None = None,
         **stock_kwargs: Any,
     ) -> None:
         unknown = set(stock_kwargs) - _compat.stock_init_parameters()
         if unknown:  # e.g. tokenizer_kwargs, which sentence-transformers 5.x and 6.x call processor_kwargs
             raise TypeError(f"SentenceTransformer() got unexpected keyword argument(s) {', '.join(sorted(unknown))}: "
                             f"the installed sentence-transformers {_compat.stock_version()} does not take them")
+        check_budget(max_batch_tokens)
         torch_dtype = resolve_dtype(dtype)
         if (stock_kwargs.get("model_kwargs") or {}).get("device_map") is not None:
             stock_device = device  # stock places the modules and ignores device, with a warning
@@ -83,4 +89,4 @@ class SentenceTransformer(AcceleratedModel, _compat.StockSentenceTransformer):
             self.model_spec = plan.spec
         if torch_dtype is not None:
             self.to(torch_dtype)
-        accelerate(self, Options(static_shapes, graphs, overlap, self.model_spec))
+        accelerate(self, Options(static_shapes, graphs, overlap, self.model_spec, max_batch_tokens))

@@ -18,6 +18,7 @@ from st_npu import _compat
 from st_npu.engine import Options, ShapePolicy, accelerate, engine_of
 from st_npu.emulator import backend as emulator
 from st_npu.evaluation.workloads import mixed_corpus
+from st_npu.testing import fixtures
 
 CORPUS = mixed_corpus(64)
 
@@ -52,7 +53,7 @@ def test_padding_reaches_the_model_and_undo_restores_stock(tiny_cls):
     handle = model[0].register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0]["input_ids"].shape)))
     model.encode(["a b c", "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"],
                  batch_size=3)
-    assert shapes == [(1, 16), (1, 32)]  # one bucket group each: the long text no longer pads the short one
+    assert shapes == [(1, 16), (1, 24)]  # one bucket group each: the long text no longer pads the short one
     engine_of(model).undo()
     assert not {"encode", "preprocess", "forward", "_input_length"} & set(model.__dict__) and engine_of(model) is None
     model.encode(["a b c"])
@@ -68,7 +69,7 @@ def test_static_shapes_default_on_for_npu_only(tiny_cls):
 @needs_emulator
 def test_no_compilation_after_warmup_where_stock_compiles(tiny_cls):
     model = st_npu.SentenceTransformer(tiny_cls, device="npu:1", static_shapes=ShapePolicy(batch_sizes=(1, 4, 8)))
-    assert model.warmup(batch_size=8) == 3 * 6
+    assert model.warmup(batch_size=8) == 3 * len(engine_of(model).policy.seq_lengths)
     emulator.reset_stats()
     got = model.encode(CORPUS, batch_size=8)
     assert emulator.stats()["per_device"][1]["compiles"] == 0
@@ -79,9 +80,15 @@ def test_no_compilation_after_warmup_where_stock_compiles(tiny_cls):
     assert np.abs(got - expected).max() <= 1e-6
 
 
-def test_warmup_needs_static_shapes(tiny_cls):
-    with pytest.raises(RuntimeError, match="static shapes"):
-        st_npu.SentenceTransformer(tiny_cls, device="cpu").warmup()
+def test_warmup_runs_the_bucket_shapes_on_the_cpu_for_embedders_and_rerankers(tiny_cls, tmp_path):
+    model = st_npu.SentenceTransformer(tiny_cls, device="cpu")  # static shapes off: the shapes encode will form
+    seen = set()
+    model[0].register_forward_pre_hook(lambda module, args: seen.add(tuple(args[0]["input_ids"].shape)))
+    assert model.warmup(batch_size=2, show_progress_bar=False) == len(engine_of(model).shapes(2))
+    buckets = engine_of(model).buckets.for_model(model.max_seq_length)  # unpadded: each within its bucket
+    assert {(rows, buckets.seq_bucket(length)) for rows, length in seen} == set(engine_of(model).shapes(2))
+    reranker = st_npu.CrossEncoder(str(fixtures.cross_encoder_folder(tmp_path / "rerank")), device="cpu")
+    assert reranker.warmup(batch_size=2, show_progress_bar=False) == len(engine_of(reranker).shapes(2)) > 0
 
 
 def test_accelerate_works_on_a_stock_model_and_again_replaces_itself(tiny_cls):

@@ -70,3 +70,18 @@ def test_a_sparse_call_runs_in_bucket_groups_and_returns_stock_rows(splade_folde
     assert sorted(tokens for _, tokens in shapes) == lengths  # one batch per bucket, not one padded to the longest
     assert got.is_sparse and got.device == torch.device("npu:5")
     assert (got.to_dense().cpu() - expected.to_dense()).abs().max() <= 1e-5
+
+
+@needs_emulator
+def test_a_warmed_up_sparse_encoder_keeps_stock_rows_on_its_npu(splade_folder):
+    """Warm-up captures no graph for a sparse encoder (a replay would hand stock dense host rows where it makes its
+    sparse rows on the device): after it, rows stay stock's and on the model's npu."""
+    expected = _sparse(splade_folder, "cpu").encode(TEXTS[:4])
+    with st_npu.patch():
+        model = _sparse(splade_folder, "npu:4")
+    engine = engine_of(model)
+    assert engine.graphs is None
+    engine.warmup(batch_size=2, max_tokens=256, show_progress_bar=False)
+    got = model.encode(TEXTS[:4])
+    assert got.is_sparse and got.device == torch.device("npu:4")
+    assert (got.to_dense().cpu() - expected.to_dense()).abs().max() <= 1e-5

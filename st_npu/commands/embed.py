@@ -8,7 +8,7 @@ import sys
 from st_npu.errors import UsageError
 from st_npu.files.inputs import DEFAULT_TEXT_FIELD, STDIN
 from st_npu.files.outputs import STDOUT, check_embeddings_output, write_embeddings
-from st_npu.commands.options import add_model_arguments, load_model, positive_int
+from st_npu.commands.options import add_budget_argument, add_model_arguments, load_model, positive_int
 
 HELP = "embed texts and print or save the vectors"
 PREVIEW_ROWS = 3
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the field holding the text in a .jsonl --batch-file (default {DEFAULT_TEXT_FIELD})")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=32,
                         help="texts per batch (default 32)")
+    add_budget_argument(parser)
     parser.add_argument("--prompt-name", help="a prompt of the model, e.g. qa_query for llm-embedder queries")
     parser.add_argument("--output", help=f"write the embeddings to a .npy or .jsonl file (atomically), or {STDOUT} "
                                          f"for JSON lines on standard output")
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from st_npu.files.inputs import read_texts
 
     texts = args.text if args.text else read_texts(args.batch_file, args.text_field)
-    model = load_model(args)
+    model = load_model(args, max_batch_tokens=args.max_batch_tokens)
     embeddings = embed_texts(model, texts, args.batch_size, args.prompt_name, show_progress_bar=bool(args.batch_file))
     # With --output -, standard output carries the vectors; the summary goes to standard error.
     summary = sys.stderr if args.output == STDOUT else sys.stdout

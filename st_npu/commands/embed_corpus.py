@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from st_npu.files.inputs import DEFAULT_TEXT_FIELD
-from st_npu.commands.options import add_model_arguments, positive_int
+from st_npu.commands.options import add_budget_argument, add_model_arguments, positive_int
 
 HELP = "embed a whole corpus into resumable Parquet shards, on every local NPU or a Ray cluster"
 
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-name", help="a prompt of the model, e.g. qa_key for llm-embedder passages")
     parser.add_argument("--max-seq-length", type=positive_int, help="truncate texts to this many tokens")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch (default 32)")
+    add_budget_argument(parser)
     parser.add_argument("--shard-size", type=positive_int, default=10_000, help="rows per shard (default 10000)")
     parser.add_argument("--skip-empty", action="store_true", help="do not embed blank texts (their rows keep "
                                                                   "their numbers)")

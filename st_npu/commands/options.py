@@ -28,6 +28,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
 
 
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-batch-tokens``: the token budget of one batch, as ``max_batch_tokens=`` of the model classes."""
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=None,
+                        help="padded tokens (rows x length) per batch (default 16384, TEI's): long texts run fewer "
+                             "rows per batch, a text longer than this alone")
+
+
 def positive_int(text: str) -> int:
     """An argparse type whose message reads "must be a positive integer", not "invalid _positive_int value"."""
     try:

@@ -29,9 +29,12 @@ class ModelSettings:
     max_seq_length: int | None = None
     batch_size: int = 32
     truncate_dim: int | None = None
+    max_batch_tokens: int | None = None  # the token budget per batch: it changes batches, not vectors
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        settings = asdict(self)
+        del settings["max_batch_tokens"]  # a resumed job may take another budget and still match its manifest
+        return settings
 
 
 def worker_threads(workers: int) -> int:
@@ -53,7 +56,8 @@ class ShardEncoder:
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
         try:
-            self.model = SentenceTransformer(settings.model, device=device, dtype=settings.dtype, spec=settings.spec)
+            self.model = SentenceTransformer(settings.model, device=device, dtype=settings.dtype, spec=settings.spec,
+                                             max_batch_tokens=settings.max_batch_tokens)
         finally:
             if shown:
                 transformers_logging.enable_progress_bar()

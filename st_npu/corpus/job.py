@@ -40,6 +40,7 @@ DUPLICATE_ID_CHOICES = ("error", "keep")
 def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], output: str | os.PathLike[str], *,
                  devices: Sequence[str] | None = None, dtype: str | None = None, spec: str | None = None,
                  prompt_name: str | None = None, max_seq_length: int | None = None, batch_size: int = 32,
+                 max_batch_tokens: int | None = None,
                  text_field: str = "text", id_field: str | None = None, keep: Sequence[str] = (),
                  output_dtype: str = "float32", truncate_dim: int | None = None, int8_ranges: Any = None,
                  skip_empty: bool = False, on_bad_row: str = "error", on_duplicate_id: str = "error",
@@ -62,7 +63,8 @@ def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], o
                                  ("engine", engine, ENGINES)):
         if value not in choices:
             raise UsageError(f"{name} {value!r}: choose one of {', '.join(choices)}")
-    for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("truncate_dim", truncate_dim or 1)):
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("truncate_dim", truncate_dim or 1),
+                        ("max_batch_tokens", max_batch_tokens or 1)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
     if int8_ranges is not None and output_dtype not in RANGED:
@@ -73,7 +75,8 @@ def embed_corpus(model: str | os.PathLike[str], input: str | os.PathLike[str], o
     files = input_files(source)
     storage.prepare_folder(folder)
     fields = Fields(text_field, id_field, tuple(keep))
-    settings = ModelSettings(str(model), dtype, spec, prompt_name, max_seq_length, batch_size, truncate_dim)
+    settings = ModelSettings(str(model), dtype, spec, prompt_name, max_seq_length, batch_size, truncate_dim,
+                             max_batch_tokens)
     ranges = _given_ranges(int8_ranges)
     job = {
         "format": manifests.FORMAT,
@@ -310,7 +313,8 @@ def run_embed_corpus(args: argparse.Namespace) -> int:
     devices = args.devices.split(",") if args.devices else [args.device] if args.device else None
     summary = embed_corpus(args.model, args.input, args.output, devices=devices, dtype=args.dtype, spec=args.spec,
                            prompt_name=args.prompt_name, max_seq_length=args.max_seq_length,
-                           batch_size=args.batch_size, text_field=args.text_field, id_field=args.id_field,
+                           batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                           text_field=args.text_field, id_field=args.id_field,
                            keep=args.keep.split(",") if args.keep else (), output_dtype=args.output_dtype,
                            truncate_dim=args.truncate_dim,
                            int8_ranges=np.load(args.int8_ranges) if args.int8_ranges else None,

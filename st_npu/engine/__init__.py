@@ -4,7 +4,7 @@
 it again; ``Engine.undo()`` removes it.
 """
 
-from st_npu.engine.core import Engine, Options, accelerate, engine_of
+from st_npu.engine.core import Engine, Options, accelerate, check_budget, engine_of
 from st_npu.engine.static_shapes import ShapePolicy
 
-__all__ = ["Engine", "Options", "ShapePolicy", "accelerate", "engine_of"]
+__all__ = ["Engine", "Options", "ShapePolicy", "accelerate", "check_budget", "engine_of"]

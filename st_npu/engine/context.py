@@ -27,6 +27,7 @@ class Batch:
     left: bool
     padded: tuple[str, ...]  # the per-token input keys that were padded
     staged: Any = None  # the captured graph holding this batch's inputs, from staging to its replay
+    positions: list[int] | None = None  # each real row's input index in the call (for errors that name it)
 
 
 @dataclass

@@ -29,15 +29,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from st_npu import _compat
-from st_npu.engine import attention, checks, context, family, grouping
+from st_npu.engine import attention, checks, context, family, finite, grouping
 from st_npu.engine.context import Call
 from st_npu.engine.graphs import GraphRunner
 from st_npu.engine.oom import Backoff
 from st_npu.engine.overlap import Prefetcher
-from st_npu.engine.static_shapes import ShapePolicy, Tails, pad, trim
+from st_npu.engine.static_shapes import DEFAULT_MAX_BATCH_TOKENS, ShapePolicy, Tails, pad, trim
 from st_npu.engine.tokenizer_lock import tokenizer_lock
 from st_npu.engine.tokens import Tokens, key_of
 from st_npu.runtime.devices import graph_capture_unavailable
@@ -54,6 +55,7 @@ class Options:
     graphs: bool | None = None  # None: where static shapes are on and the device can capture; True insists
     overlap: bool | None = None  # None: on for accelerators, off on the CPU (the thread would compete for cores)
     spec: dict[str, Any] | None = None  # a known-model spec (configs/models): per-prompt length limits
+    max_batch_tokens: int | None = None  # padded rows x length per batch; None: DEFAULT_MAX_BATCH_TOKENS
 
 
 def accelerate(model: Any, options: Options = Options()) -> Engine | None:
@@ -73,6 +75,24 @@ def engine_of(model: Any) -> Engine | None:
     return model.__dict__.get(ATTRIBUTE)
 
 
+def check_budget(max_batch_tokens: int | None) -> int:
+    """The token budget per batch, ``DEFAULT_MAX_BATCH_TOKENS`` for None; a clear error for anything but a positive
+    integer."""
+    if max_batch_tokens is None:
+        return DEFAULT_MAX_BATCH_TOKENS
+    if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be a positive integer (padded rows x tokens per batch), "
+                         f"got {max_batch_tokens!r}")
+    return max_batch_tokens
+
+
+def _as_rows(result: Any, singular: bool) -> Any:
+    """A call's result with one entry per input: a singular input's result as a batch of one."""
+    if not singular:
+        return result
+    return result[None] if isinstance(result, (torch.Tensor, np.ndarray)) else [result]
+
+
 class Engine:
     """The engine on one model: its entry, preprocess and forward, and what they share."""
 
@@ -82,6 +102,7 @@ class Engine:
         static = options.static_shapes if options.static_shapes is not None else device.type == "npu"
         self.padding = bool(static)  # off: bucket groups only, each batch at its own length
         self.buckets = static if isinstance(static, ShapePolicy) else ShapePolicy()
+        self.max_batch_tokens = check_budget(options.max_batch_tokens)
         self.signature = _compat.entry_signature(model, kind)
         self.inputs_name = list(self.signature.parameters)[1]
         self.family = family.learn(model)
@@ -122,6 +143,9 @@ class Engine:
         if wanted is False:
             return None
         reason = graph_capture_unavailable(self.model.device) or (None if self.padding else "graphs need static shapes")
+        if reason is None and self.kind.stacked:
+            # A replay hands stock host rows; a sparse encoder's stock code makes its sparse rows on the device.
+            reason = "a sparse encoder's rows become sparse tensors on the device, which a replay's host rows are not"
         if reason is None:
             return GraphRunner(self.model, self.kind.row_output)
         if wanted:
@@ -159,26 +183,27 @@ class Engine:
             checks.check_texts(inputs, singular=isinstance(inputs, str) or singular)
         self._limit_prompt(bound)
         items = [inputs] if singular else inputs
-        if not grouping.groupable(model, self.kind, bound.arguments, items):
-            with context.calling(self, Call()) as call:
-                return self._finishing(call, lambda: stock_entry(*bound.args, **bound.kwargs))
-        tokens = self._tokens(items, bound)
+        tokens = self._tokens(items, bound) if grouping.groupable(model, self.kind, bound.arguments, items) else None
         if tokens is None:
             with context.calling(self, Call()) as call:
-                return self._finishing(call, lambda: stock_entry(*bound.args, **bound.kwargs))
+                result = self._finishing(call, lambda: stock_entry(*bound.args, **bound.kwargs))
+            finite.check_result(_as_rows(result, singular), len(items), grouping.model_dtype(model), self.kind.entry)
+            return result
         tails = grouping.call_tails(model, self.kind, bound.arguments)
         lengths = [tokens.lengths[position] for position in tokens.positions(items)]
-        positions = grouping.groups(lengths, self.buckets.for_model(model.max_seq_length))
+        buckets = self.buckets.for_model(model.max_seq_length)
+        positions = grouping.groups(lengths, buckets)
+        batch_size = bound.arguments["batch_size"]
+        sizes = [buckets.rows_for(lengths[group[0]], batch_size, self.max_batch_tokens) for group in positions]
         with context.calling(self, Call(tokens=tokens, tails=tails)) as call:
-            return self._finishing(call, lambda: self._grouped(call, bound, items, singular, positions))
+            return self._finishing(call, lambda: self._grouped(call, bound, items, singular, positions, sizes))
 
     def _grouped(self, call: Call, bound: inspect.BoundArguments, items: list[Any], singular: bool,
-                 positions: list[list[int]]) -> Any:
-        batch_size = bound.arguments["batch_size"]
-        if self.prefetch and len(items) > batch_size:
+                 positions: list[list[int]], sizes: list[int]) -> Any:
+        if self.prefetch and len(items) > min(sizes):
             call.prefetcher = Prefetcher(functools.partial(self._prepare, call))
         try:
-            return grouping.run(self.model, self.kind, bound, items, singular, positions, call.tails,
+            return grouping.run(self.model, self.kind, bound, items, singular, positions, call.tails, sizes,
                                 before_group=self._predict_batches if call.prefetcher is not None else None)
         finally:
             if call.prefetcher is not None:
@@ -284,7 +309,10 @@ class Engine:
         ids = features.get("input_ids") if hasattr(features, "get") else None
         if policy is not None and isinstance(ids, torch.Tensor) and ids.ndim == 2:
             target = (policy.batch_bucket(ids.shape[0]), policy.seq_bucket(ids.shape[1]))
-        return pad(features, target, self.pad_id, self.left)
+        features, batch = pad(features, target, self.pad_id, self.left)
+        if batch is not None and call.tokens is not None:
+            batch.positions = call.tokens.positions(inputs)
+        return features, batch
 
     def forward(self, features: Any, **kwargs: Any) -> Any:
         """Stock forward: the staged batch's graph replayed, else eager with out-of-memory backoff; the outputs
@@ -301,15 +329,17 @@ class Engine:
             if output is not None:
                 return trim(output, batch, call.tails, self.kind.row_output)
         stock_forward = functools.partial(type(self.model).forward, self.model)
-        output = self.backoff(stock_forward, features, self.model.device, **kwargs)
+        output = self.backoff(stock_forward, features, self.model.device, kwargs,
+                              batch.positions if batch is not None else None)
         return trim(output, batch, call.tails, self.kind.row_output) if batch is not None else output
 
     # --- warm-up ---------------------------------------------------------------------------------------------
 
     def warmup(self, batch_size: int = 32, max_tokens: int | None = None, show_progress_bar: bool = True) -> int:
-        """Compile every static shape a call with ``batch_size`` can meet (:meth:`compile_shapes`), then capture
-        each one's graph where graph mode is on (:meth:`capture`); returns how many shapes ran. A progress bar
-        counts the shapes; a summary line on standard error gives the time of both steps."""
+        """Compile every shape a call with ``batch_size`` forms under the token budget (:meth:`compile_shapes`), then
+        capture each one's graph where graph mode is on (:meth:`capture`); returns how many shapes ran. Without
+        static shapes (the CPU) it runs the same bucket shapes, as encoding them would. A progress bar counts
+        the shapes; a summary line on standard error gives shapes, graphs, the budget and the time."""
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
@@ -317,19 +347,23 @@ class Engine:
         captured = self.capture(batch_size, max_tokens)
         if show_progress_bar and shapes:
             rows, length = max(rows for rows, _ in shapes), max(length for _, length in shapes)
-            graphs = f", {captured} graphs captured" if self.graphs is not None else ""
-            tqdm.write(f"st_npu warm-up: {len(shapes)} shapes (up to {rows} rows x {length} tokens){graphs} on "
-                       f"{self.model.device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            tqdm.write(f"st_npu warm-up: {len(shapes)} shapes (up to {rows} rows x {length} tokens), {captured} "
+                       f"graphs, budget {self.budget(max_tokens):,} tokens per batch, on {self.model.device} in "
+                       f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         return len(shapes)
 
+    def budget(self, max_tokens: int | None = None) -> int:
+        """The padded tokens a batch may hold: the engine's budget, or a caller's smaller one."""
+        return min(max_tokens, self.max_batch_tokens) if max_tokens is not None else self.max_batch_tokens
+
     def shapes(self, batch_size: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
-        """The static shapes a call with ``batch_size`` can meet, of at most ``max_tokens`` padded tokens (the
-        server's token budget: a caller that never forms larger batches need not compile them)."""
-        policy = self.policy
-        if policy is None:
-            raise RuntimeError("warmup() needs static shapes: without them every new batch shape compiles anyway.")
-        return [(rows, length) for rows, length in policy.shapes(batch_size)
-                if max_tokens is None or rows * length <= max_tokens]
+        """The (rows, tokens) shapes a call with ``batch_size`` forms under the token budget (or a caller's smaller
+        ``max_tokens``, as a server that never forms larger batches): the bucket shapes where static shapes are
+        on, the same bucket lengths where they are off. A single text above the budget, which runs alone, is left
+        to compile when it comes: warming it up could need more memory than any batch (TEI issue 634)."""
+        policy = self.policy or self.buckets.for_model(self.model.max_seq_length)
+        budget = self.budget(max_tokens)
+        return [(rows, length) for rows, length in policy.shapes(batch_size, budget) if rows * length <= budget]
 
     def compile_shapes(self, batch_size: int = 32, max_tokens: int | None = None,
                        show_progress_bar: bool = False) -> list[tuple[int, int]]:
@@ -338,7 +372,7 @@ class Engine:
         from tqdm.auto import tqdm
 
         shapes = self.shapes(batch_size, max_tokens)
-        options = {"normalize_embeddings": True} if self.kind.entry == "encode" else {}
+        options = {"normalize_embeddings": True} if "normalize_embeddings" in self.signature.parameters else {}
         for rows, length in tqdm(shapes, desc=f"st_npu warm-up on {self.model.device}", unit="shape",
                                  disable=not show_progress_bar):
             full, short = self.sample_input(length), self.sample_input(max(length - 1, 3))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from st_npu import _compat
+from st_npu.engine import finite
 from st_npu.engine.static_shapes import ShapePolicy, Tails
 
 
@@ -57,9 +58,11 @@ def call_tails(model: Any, kind: _compat.Kind, options: dict[str, Any]) -> Tails
 
 
 def run(model: Any, kind: _compat.Kind, bound: inspect.BoundArguments, items: list[Any], singular: bool,
-        positions: list[list[int]], tails: Tails, before_group: Callable[[list[Any], int], None] | None = None) -> Any:
-    """Run the stock entry once per group of ``positions`` and assemble stock's result for the whole call;
-    ``before_group(group, batch_size)`` is told each group before stock runs it."""
+        positions: list[list[int]], tails: Tails, batch_sizes: list[int],
+        before_group: Callable[[list[Any], int], None] | None = None) -> Any:
+    """Run the stock entry once per group of ``positions``, each with its ``batch_sizes`` entry (the token budget's
+    rows for its bucket), and assemble stock's result for the whole call; ``before_group(group, batch_size)`` is told
+    each group before stock runs it. Rows with NaN or inf raise :class:`~st_npu.errors.NonFiniteError`."""
     stock_entry = getattr(type(model), kind.entry)
     options = dict(bound.arguments)
     options.pop("self", None)
@@ -74,11 +77,13 @@ def run(model: Any, kind: _compat.Kind, bound: inspect.BoundArguments, items: li
     if kind.entry == "encode":
         options.update(precision=None, normalize_embeddings=False, truncate_dim=None)
     rows: np.ndarray | None = None
-    for indices in positions:
+    for indices, batch_size in zip(positions, batch_sizes):
         group = [items[i] for i in indices]
+        options["batch_size"] = batch_size
         if before_group is not None:
-            before_group(group, options["batch_size"])
+            before_group(group, batch_size)
         part = stock_entry(model, group, **options, **extra)
+        finite.check_rows(part, indices, len(items), tails.dtype or model_dtype(model), kind.entry)
         if rows is None:
             rows = np.empty((len(items), *part.shape[1:]), dtype=part.dtype)
         rows[indices] = part
@@ -113,3 +118,7 @@ def _run_stacked(stock_entry: Callable[..., Any], model: Any, options: dict[str,
     stacked = torch.stack(rows)
     result = stacked if convert_to_tensor else list(stacked)
     return result[0] if singular else result
+
+
+def model_dtype(model: Any) -> torch.dtype | None:
+    return next((parameter.dtype for parameter in model.parameters()), None)

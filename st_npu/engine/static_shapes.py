@@ -6,34 +6,65 @@ each tokenized batch, still on the CPU, up to a bucket length and a bucketed bat
 outputs back to the real rows and tokens (:func:`trim`), so a call returns exactly what it returns without padding.
 Padding is numerically neutral: padded tokens are masked out of attention and pooling, padded rows are copies of a
 real row and are dropped.
+
+The default sequence buckets grow geometrically to any ``max_seq_length``: every power of two from 16 and the
+midpoint 1.5x above it (16, 24, 32, 48, ..., 8192), so a text pays at most 1.5x its own length in tokens (2.25x in
+attention) at two buckets per doubling. Powers of two alone (2x, 4x in attention) would halve the shapes but let a
+600-token text of an 8,192-token model pay for 1,024; finer steps would add shapes, each compiled and captured once,
+for little: the last partial batch of a group already costs up to 2x in rows. Every bucket is a multiple of 8.
+
+A token budget (``max_tokens``: padded rows x bucket length, the server's ``--max-batch-tokens``) caps each batch:
+long buckets run fewer rows (:meth:`ShapePolicy.rows_for`), short ones the full batch size, one text longer than the
+budget runs alone. Warm-up compiles and captures only the shapes a call can form under it.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from st_npu.engine.context import Batch
 
-DEFAULT_SEQ_LENGTHS = (16, 32, 64, 128, 256, 512)
+SHORTEST = 16
 # Powers of two: a last partial batch of n rows costs at most 2n rows of compute.
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# TEI's --max-batch-tokens default: 32 rows of 512 tokens, the batch BERT-base embedders are sized for. A device with
+# room for more takes a larger budget (``max_batch_tokens=``); the largest bucket still runs, one row at a time.
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+def geometric_lengths(longest: int, shortest: int = SHORTEST) -> tuple[int, ...]:
+    """``shortest``, 1.5x, 2x, 3x, 4x, ... it, below ``longest``, then ``longest`` itself."""
+    lengths, power = [], shortest
+    while power < longest:
+        lengths += [length for length in (power, power * 3 // 2) if length < longest]
+        power *= 2
+    return (*lengths, longest)
+
+
+DEFAULT_SEQ_LENGTHS = geometric_lengths(512)
 
 
 @dataclass(frozen=True)
 class ShapePolicy:
-    """The bucket sizes; a batch is padded to the smallest bucket that holds it."""
+    """The bucket sizes; a batch is padded to the smallest bucket that holds it. ``seq_lengths=None`` (the default):
+    geometric buckets up to the model's ``max_seq_length`` (:func:`geometric_lengths`); explicit ones are kept."""
 
-    seq_lengths: tuple[int, ...] = DEFAULT_SEQ_LENGTHS
+    seq_lengths: tuple[int, ...] | None = None
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    geometric: bool = field(default=False, init=False)  # seq_lengths=None: they follow the model's limit
 
     def __post_init__(self) -> None:
         for name in ("seq_lengths", "batch_sizes"):
             values = getattr(self, name)
+            if name == "seq_lengths" and values is None:
+                object.__setattr__(self, name, DEFAULT_SEQ_LENGTHS)
+                object.__setattr__(self, "geometric", True)
+                continue
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"ShapePolicy.{name} must be positive integers, got {values!r}")
             object.__setattr__(self, name, tuple(sorted(set(values))))
@@ -42,6 +73,8 @@ class ShapePolicy:
         """Sequence buckets clipped to the model's limit, which is always a bucket itself."""
         if not max_seq_length:
             return self
+        if self.geometric:
+            return ShapePolicy(geometric_lengths(max_seq_length), self.batch_sizes)
         kept = tuple(length for length in self.seq_lengths if length < max_seq_length)
         return ShapePolicy(kept + (max_seq_length,), self.batch_sizes)
 
@@ -51,10 +84,22 @@ class ShapePolicy:
     def batch_bucket(self, rows: int) -> int:
         return _bucket(self.batch_sizes, rows)
 
-    def shapes(self, batch_size: int) -> list[tuple[int, int]]:
-        """Every (rows, tokens) shape a call with this batch size can produce."""
-        largest = self.batch_bucket(batch_size)
-        return [(rows, length) for rows in self.batch_sizes if rows <= largest for length in self.seq_lengths]
+    def rows_for(self, length: int, batch_size: int, max_tokens: int | None) -> int:
+        """Rows per batch for texts of ``length`` tokens: ``batch_size``, fewer where the padded batch (bucketed rows
+        x bucket length) would pass ``max_tokens``; 1 where even one row does (it runs alone)."""
+        seq = self.seq_bucket(length)
+        if max_tokens is None or self.batch_bucket(batch_size) * seq <= max_tokens:
+            return batch_size
+        return max([rows for rows in self.batch_sizes if rows * seq <= max_tokens and rows <= batch_size] or [1])
+
+    def shapes(self, batch_size: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
+        """Every (rows, tokens) shape a call with this batch size can produce under the token budget."""
+        shapes = []
+        for rows in self.batch_sizes:
+            for length in self.seq_lengths:
+                if rows <= self.batch_bucket(self.rows_for(length, batch_size, max_tokens)):
+                    shapes.append((rows, length))
+        return shapes
 
 
 def _bucket(buckets: tuple[int, ...], value: int) -> int:

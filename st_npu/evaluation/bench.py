@@ -84,10 +84,16 @@ class PassResult:
 
 
 def load_workload(name: str, limit: int | None = None) -> Workload:
-    from st_npu.evaluation.workloads import mixed_corpus, seed_sentences
+    from st_npu.evaluation.workloads import long_documents, mixed_corpus, seed_sentences, uniform_corpus
 
-    workload = (Workload("seed", seed_sentences()[:limit], SEED_CALLS, limit) if name == "seed" else
-                Workload("mixed", mixed_corpus(limit), 1, limit))
+    if name == "seed":
+        workload = Workload("seed", seed_sentences()[:limit], SEED_CALLS, limit)
+    elif name == "long-document":
+        workload = Workload(name, long_documents()[:limit], 1, limit)
+    elif name == "uniform":
+        workload = Workload(name, uniform_corpus()[:limit], 1, limit)
+    else:
+        workload = Workload("mixed", mixed_corpus(limit), 1, limit)
     if not workload.texts:
         raise UsageError(f"--limit {limit} leaves no texts of the {name} workload")
     return workload
@@ -203,7 +209,7 @@ def agreement(stock: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
 
 
 def load_models(model: str, device: str | None, dtype: str | None, spec: str | None = None,
-                use_graphs: bool = True) -> tuple[Any, Any, torch.device]:
+                use_graphs: bool = True, max_batch_tokens: int | None = None) -> tuple[Any, Any, torch.device]:
     """Stock (float32) and st_npu (``dtype``) on the same folder and device."""
     import sentence_transformers
 
@@ -212,7 +218,7 @@ def load_models(model: str, device: str | None, dtype: str | None, spec: str | N
     from st_npu.runtime.devices import resolve_device
 
     resolved = resolve_device(device)
-    ours = SentenceTransformer(model, device=str(resolved), dtype=dtype, spec=spec)
+    ours = SentenceTransformer(model, device=str(resolved), dtype=dtype, spec=spec, max_batch_tokens=max_batch_tokens)
     if not use_graphs:
         from dataclasses import replace
 
@@ -280,10 +286,10 @@ def timed_passes(models: dict[str, Any], workload: Workload, batch_size: int, re
 
 def benchmark(model: str, workload: Workload, batch_sizes: Sequence[int], *, device: str | None = None,
               dtype: str | None = None, spec: str | None = None, repeats: int = 1,
-              use_graphs: bool = True) -> dict[str, Any]:
+              use_graphs: bool = True, max_batch_tokens: int | None = None) -> dict[str, Any]:
     """What ``st-npu bench`` runs: both models over ``workload`` at each batch size; the report as plain data,
     whose ``agreement_passed`` says whether st_npu agreed with stock at every batch size."""
-    stock, ours, resolved = load_models(model, device, dtype, spec, use_graphs)
+    stock, ours, resolved = load_models(model, device, dtype, spec, use_graphs, max_batch_tokens)
     models = {"stock": stock, "st_npu": ours}
     dtypes = {name: dtype_of(model) for name, model in models.items()}
     tokens = sum(count_tokens(stock, workload.texts)) * workload.calls

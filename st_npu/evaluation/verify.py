@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from st_npu.errors import InvalidValueError
+from st_npu.errors import InvalidValueError, NonFiniteError
 from st_npu.evaluation.workloads import seed_sentences
 from st_npu.files.inputs import read_texts
 from st_npu.files.outputs import atomic_file
@@ -134,6 +134,10 @@ def compare(reference: np.ndarray, target: np.ndarray, texts: Sequence[str], thr
     expected_top, got_top = top_neighbours(expected, k), top_neighbours(got, k)
     differing = neighbour_differences(expected_top, got_top)
     reasons = failures(error_rate_percent(mean), correlation, threshold)
+    non_finite = np.flatnonzero(~np.isfinite(target).all(axis=1)).tolist()
+    if non_finite:
+        reasons.insert(0, f"{len(non_finite)} of {len(texts)} rows are NaN or infinite (texts "
+                          f"{', '.join(map(str, non_finite[:10]))}): a float16 overflow, mostly; use bfloat16 or float32")
     return {
         "count": len(texts),
         "dimension": int(reference.shape[1]),
@@ -152,6 +156,7 @@ def compare(reference: np.ndarray, target: np.ndarray, texts: Sequence[str], thr
                            "target": got_top[row].tolist()} for row in differing],
         },
         "cosines": per_text.tolist(),
+        "non_finite_rows": non_finite,
         "failures": reasons,
         "passed": not reasons,
     }
@@ -166,7 +171,19 @@ def verify_texts(extra_file: str | None = None) -> list[str]:
 
 
 def encode(model: Any, texts: Sequence[str]) -> np.ndarray:
-    return np.asarray(model.encode(list(texts), batch_size=BATCH_SIZE, convert_to_numpy=True), dtype=np.float32)
+    """The rows of ``texts``; where the model gives NaN or inf (st_npu raises then), those rows are NaN, found by
+    encoding each text alone, so the comparison reports them as a failure."""
+    try:
+        return np.asarray(model.encode(list(texts), batch_size=BATCH_SIZE, convert_to_numpy=True), dtype=np.float32)
+    except NonFiniteError:
+        rows = []
+        for text in texts:
+            try:
+                rows.append(np.asarray(model.encode([text], convert_to_numpy=True), dtype=np.float32)[0])
+            except NonFiniteError:
+                rows.append(None)
+        width = next(len(row) for row in rows if row is not None) if any(r is not None for r in rows) else 1
+        return np.stack([row if row is not None else np.full(width, np.nan, np.float32) for row in rows])
 
 
 def describe(model: Any) -> dict[str, str]:

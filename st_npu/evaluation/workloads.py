@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import gc
 import importlib.util
+import math
 import random
 import re
 import sysconfig
@@ -61,6 +62,34 @@ def mixed_corpus(n: int | None = None) -> list[str]:
             )
             texts.append(text)
     return texts
+
+
+def long_documents(n: int = 96, shortest: int = 10, longest: int = 8000, seed: int = 23) -> list[str]:
+    """``n`` English texts of ``shortest`` to ``longest`` tokens, log-uniform (as many 100-token texts as
+    5,000-token ones), read onwards from the mixed recipe's English docstrings: the long-document workload."""
+    rng = random.Random(seed)
+    sentences = _sentences(_english_source())
+    cursor, texts = rng.randrange(len(sentences)), []
+    for _ in range(n):
+        target = round(math.exp(rng.uniform(math.log(shortest), math.log(longest))))
+        text, cursor = _take(sentences, cursor, target, target, "en")
+        texts.append(text)
+    return texts
+
+
+def uniform_corpus(n: int = 256, tokens: int = 128, seed: int = 23) -> list[str]:
+    """``n`` English texts of ``tokens`` tokens each (approximately, as the mixed recipe counts them): one
+    sequence bucket, the workload where grouping has nothing to gain and must cost nothing."""
+    sentences = _sentences(_english_source())
+    cursor, texts = random.Random(seed).randrange(len(sentences)), []
+    for _ in range(n):
+        text, cursor = _take(sentences, cursor, tokens, tokens, "en")
+        texts.append(text)
+    return texts
+
+
+def _english_source() -> dict[str, Any]:
+    return next(source for source in load_config("workloads/mixed.json")["sources"] if source["language"] == "en")
 
 
 def _block(recipe: dict[str, Any], rng: random.Random) -> list[tuple[str, tuple[int, int]]]:

@@ -96,6 +96,9 @@ class Batcher:
         self.max_batch_requests = max_batch_requests
         self.metrics = metrics
         # The static-shape buckets when they are on; elsewhere the same table only prices a batch for the budget.
+        for model in models:  # one budget: the engine's batches and warm-up stay under --max-batch-tokens too
+            if engine_of(model) is not None:
+                engine_of(model).max_batch_tokens = max_batch_tokens
         engine = engine_of(models[0])
         policy = engine.policy if engine is not None else None
         self.policy = policy or ShapePolicy().for_model(self.max_seq_length)

@@ -212,13 +212,14 @@ def cross_encoder_folder(folder: Path, architecture: str = "bert", num_labels: i
     return folder
 
 
-def _xlmr_tokenizer() -> object:
+def _xlmr_tokenizer(model_max_length: int = 512) -> object:
     from tokenizers import processors
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     return _byte_level_tokenizer(specials, processors.RobertaProcessing(("</s>", 2), ("<s>", 0)), prefix_space=True,
                                  bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-                                 unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+                                 unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                 model_max_length=model_max_length)
 
 
 def _byte_level_tokenizer(specials: list[str], post_processor: object, prefix_space: bool, extra: tuple[str, ...] = (),
@@ -238,7 +239,7 @@ def _byte_level_tokenizer(specials: list[str], post_processor: object, prefix_sp
         tokenizer.add_tokens(list(extra))
     if post_processor is not None:
         tokenizer.post_processor = post_processor
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=512, **tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **{"model_max_length": 512, **tokens})
 
 
 def _training_texts() -> list[str]:
@@ -339,21 +340,23 @@ def qwen3_reranker_folder(folder: Path, padding_side: str = "left", seed: int = 
     return folder
 
 
-def bge_m3_folder(folder: Path, seed: int = 0) -> Path:
-    """bge-m3's shape (dense): a (tiny) XLMRobertaModel, CLS pooling, Normalize; random weights."""
+def bge_m3_folder(folder: Path, seed: int = 0, max_seq_length: int = 512) -> Path:
+    """bge-m3's shape (dense): a (tiny) XLMRobertaModel, CLS pooling, Normalize; random weights. bge-m3 reads 8,192
+    tokens; the default here is 512, which keeps warm-ups short where long inputs are not what a test is about."""
     import torch
     import transformers
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = _xlmr_tokenizer()
-    config = transformers.XLMRobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=514,
+    tokenizer = _xlmr_tokenizer(max_seq_length)
+    # XLM-R's positions start after the padding index: max_seq_length + 2 of them.
+    config = transformers.XLMRobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_seq_length + 2,
                                            pad_token_id=tokenizer.pad_token_id, type_vocab_size=1, **TINY)
     transformers.XLMRobertaModel(config, add_pooling_layer=False).eval().save_pretrained(folder,
                                                                                          safe_serialization=True)
     _save_tokenizer(tokenizer, folder)
-    _sentence_transformers_files(folder, TINY["hidden_size"], "cls", 512)
+    _sentence_transformers_files(folder, TINY["hidden_size"], "cls", max_seq_length)
     return folder
 
 
