@@ -16,7 +16,7 @@ class NonFiniteError(FloatingPointError):
     returning them. ``indices`` are the call's input positions with such rows; ``dtype`` is the model's."""
 
     def __init__(self, indices: list[int], count: int, dtype: object, entry: str = "encode") -> None:
-        self.indices, self.dtype = list(indices), dtype
+        self.indices, self.count, self.dtype, self.entry = list(indices), count, dtype, entry
         shown = ", ".join(str(index) for index in self.indices[:10]) + (", ..." if len(self.indices) > 10 else "")
         name = str(dtype).removeprefix("torch.")
         fix = ("float16 overflows past 65,504: load the model in bfloat16 (same range as float32) or float32, "
@@ -24,3 +24,6 @@ class NonFiniteError(FloatingPointError):
                "load the model in float32 (dtype=\"float32\", --dtype float32) or check its weights")
         super().__init__(f"{entry} produced NaN or infinite values for {len(self.indices)} of {count} inputs "
                          f"(indices {shown}) with the model in {name}: {fix}")
+
+    def __reduce__(self) -> tuple:  # a corpus worker sends it to its parent through a queue
+        return type(self), (self.indices, self.count, self.dtype, self.entry)

@@ -164,3 +164,23 @@ def test_a_row_too_long_for_the_device_alone_names_its_index_tokens_and_a_length
         model.encode(texts, batch_size=8)
     assert (caught.value.index, caught.value.tokens) == (2, 100) and 32 < caught.value.fits <= 40
     assert model.encode(texts[:2] + texts[3:], batch_size=8).shape == (3, 32)  # what fits still runs
+
+
+@pytest.mark.parametrize("devices", [["cpu"], ["npu:0", "npu:1"]], ids=["in-process", "two-workers"])
+def test_embed_corpus_stops_on_a_float16_overflow_naming_input_rows_and_keeps_finished_shards(overflowing, tmp_path,
+                                                                                               devices):
+    pytest.importorskip("pyarrow", reason='the corpus job needs pyarrow: pip install "st-npu[corpus]"')
+    texts = [f"a quiet line {index}" for index in range(8)] + ["the zebra runs"] + ["two cats"] * 3
+    source = tmp_path / "in.txt"
+    source.write_text("".join(text + "\n" for text in texts), encoding="utf-8")
+    output = tmp_path / "out"
+    result = run_cli("embed-corpus", str(source), "--model", str(overflowing), "--dtype", "float16", "--output",
+                     str(output), "--shard-size", "4", "--devices", ",".join(devices),
+                     env={"ST_NPU_EMULATE": "2"} if devices != ["cpu"] else None, timeout=600)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "shard 2" in message and "indices 8)" in message and "bfloat16" in message
+    assert "Traceback" not in result.stderr
+    if devices == ["cpu"]:  # in order, on one device: the two shards before the overflowing one are kept
+        manifest = json.loads((output / "_manifest.json").read_text())
+        assert len(manifest["shards"]) == 2 and (output / "part-00001.parquet").exists()

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from st_npu.errors import NonFiniteError
+
 # Texts per encode call: a few batches, so the progress bar moves as batches finish while st_npu still groups
 # texts of similar length within each call.
 BATCHES_PER_CALL = 4
@@ -96,9 +98,14 @@ class ShardEncoder:
         parts = [np.zeros((0, self.dimension), np.float32)]
         for first in range(0, len(texts), step):
             chunk = texts[first:first + step]
-            vectors = self.model.encode(chunk, batch_size=self.settings.batch_size,
-                                        prompt_name=self.settings.prompt_name, truncate_dim=self.settings.truncate_dim,
-                                        convert_to_numpy=True, show_progress_bar=False)
+            try:
+                vectors = self.model.encode(chunk, batch_size=self.settings.batch_size,
+                                            prompt_name=self.settings.prompt_name,
+                                            truncate_dim=self.settings.truncate_dim, convert_to_numpy=True,
+                                            show_progress_bar=False)
+            except NonFiniteError as exc:  # positions within this call: name them within ``texts``
+                raise NonFiniteError([first + index for index in exc.indices], len(texts), exc.dtype,
+                                     exc.entry) from None
             parts.append(np.asarray(vectors, dtype=np.float32).reshape(len(chunk), self.dimension))
             if on_rows is not None:
                 on_rows(len(chunk))

@@ -28,6 +28,7 @@ from st_npu.corpus.encoder import ModelSettings, ShardEncoder, worker_threads
 from st_npu.corpus.reader import Shard
 from st_npu.corpus.shards import ShardFormat, ShardRecord, write_shard
 from st_npu.corpus.storage import Location
+from st_npu.errors import NonFiniteError
 from st_npu.runtime import emulation
 from st_npu.runtime.pools import POLL_S, WorkerDiedError, emulated_device_count, load_npu_in_worker
 
@@ -49,7 +50,11 @@ def embed_shard(encoder: ShardEncoder, shard: Shard, folder: Location, form: Sha
     import torch
 
     started = time.perf_counter()
-    vectors = encoder.encode(shard.texts, on_rows)
+    try:
+        vectors = encoder.encode(shard.texts, on_rows)
+    except NonFiniteError as exc:  # named by the rows of the whole input, as the job's other errors are
+        raise NonFiniteError([shard.rows[index] for index in exc.indices], exc.count, exc.dtype,
+                             f"embed-corpus's shard {shard.index} (indices are input rows)") from None
     record = write_shard(folder, shard.index, shard.start, shard.end, shard.ids, vectors, shard.keep, form)
     return Done(record, encoder.device, time.perf_counter() - started, device_ops(encoder.device),
                 torch.get_num_threads())
@@ -123,6 +128,8 @@ def _dispatch(workers: list[_Worker], results: Any, shards: Iterator[Shard],
             _reclaim_dead(workers, redo, on_rows)
             continue
         worker = workers[slot]
+        if kind == "error":
+            raise payload
         if kind == "failed":
             raise RuntimeError(f"corpus worker on {worker.device} failed: {payload}")
         if kind == "ready":
@@ -193,5 +200,7 @@ def _worker_main(slot: int, device: str, emulated: int | None, threads: int | No
                 return
             done = embed_shard(encoder, shard, folder, form, lambda rows: results.put(("rows", slot, rows)))
             results.put(("done", slot, done))
+    except NonFiniteError as exc:  # the user's to fix (the dtype): the parent reports it as it is
+        results.put(("error", slot, exc))
     except Exception:
         results.put(("failed", slot, traceback.format_exc(limit=8)))
