@@ -103,3 +103,21 @@ def test_tokenize_and_preprocess_outside_encode_are_stocks(tiny_cls):
         got, expected = getattr(ours, method)(texts), getattr(stock, method)(texts)
         assert {k: tuple(v.shape) for k, v in got.items() if isinstance(v, torch.Tensor)} == {
             k: tuple(v.shape) for k, v in expected.items() if isinstance(v, torch.Tensor)}
+
+
+def test_groups_of_one_row_batches_run_as_one_stock_call(tiny_cls, monkeypatch):
+    """At batch size 1 nothing pads, whichever bucket a text is in: the call is one stock encode, not one per
+    bucket (each stock call has its own overhead), and the rows are stock's."""
+    from st_npu.engine import grouping
+
+    assert grouping.join_single_rows([[0], [1, 2], [3], [4]], [4, 1, 1, 2]) == ([[0], [1, 2, 3], [4]], [4, 1, 2])
+    stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="cpu")
+    model = st_npu.SentenceTransformer(tiny_cls, device="cpu")
+    calls = []
+    entry = grouping.run
+    monkeypatch.setattr(grouping, "run", lambda *args, **kwargs: calls.append(args[5]) or entry(*args, **kwargs))
+    got = model.encode(TEXTS, batch_size=1)
+    assert len(calls) == 1 and len(calls[0]) == 1  # one group: one stock encode
+    assert np.abs(got - stock.encode(TEXTS, batch_size=1)).max() <= 1e-6
+    model.encode(TEXTS, batch_size=8)
+    assert len(calls[1]) > 1  # batches of several rows still run by bucket

@@ -195,6 +195,7 @@ class Engine:
         positions = grouping.groups(lengths, buckets)
         batch_size = bound.arguments["batch_size"]
         sizes = [buckets.rows_for(lengths[group[0]], batch_size, self.max_batch_tokens) for group in positions]
+        positions, sizes = grouping.join_single_rows(positions, sizes)
         with context.calling(self, Call(tokens=tokens, tails=tails)) as call:
             return self._finishing(call, lambda: self._grouped(call, bound, items, singular, positions, sizes))
 

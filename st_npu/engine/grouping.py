@@ -36,6 +36,20 @@ def groups(lengths: list[int], policy: ShapePolicy) -> list[list[int]]:
     return [by_bucket[bucket] for bucket in sorted(by_bucket)]
 
 
+def join_single_rows(positions: list[list[int]], sizes: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Groups whose batches hold one row each pad nothing whatever they are mixed with: they run as one stock call
+    (a call of batch size 1, or the longest texts under the token budget), saving stock's per-call overhead."""
+    joined_positions: list[list[int]] = []
+    joined_sizes: list[int] = []
+    for group, size in zip(positions, sizes):
+        if size == 1 and joined_sizes and joined_sizes[-1] == 1:
+            joined_positions[-1] = joined_positions[-1] + group
+        else:
+            joined_positions.append(group)
+            joined_sizes.append(size)
+    return joined_positions, joined_sizes
+
+
 def groupable(model: Any, kind: _compat.Kind, options: dict[str, Any], items: Any) -> bool:
     """Whether a call (its bound ``options``, its inputs as a list ``items``) may run as bucket groups."""
     prompt_name = options.get("prompt_name")
