@@ -112,7 +112,7 @@ def test_groups_of_one_row_batches_run_as_one_stock_call(tiny_cls, monkeypatch):
 
     assert grouping.join_single_rows([[0], [1, 2], [3], [4]], [4, 1, 1, 2]) == ([[0], [1, 2, 3], [4]], [4, 1, 2])
     stock = sentence_transformers.SentenceTransformer(str(tiny_cls), device="cpu")
-    model = st_npu.SentenceTransformer(tiny_cls, device="cpu")
+    model = st_npu.SentenceTransformer(tiny_cls, device="cpu", static_shapes=True)
     calls = []
     entry = grouping.run
     monkeypatch.setattr(grouping, "run", lambda *args, **kwargs: calls.append(args[5]) or entry(*args, **kwargs))
@@ -121,3 +121,6 @@ def test_groups_of_one_row_batches_run_as_one_stock_call(tiny_cls, monkeypatch):
     assert np.abs(got - stock.encode(TEXTS, batch_size=1)).max() <= 1e-6
     model.encode(TEXTS, batch_size=8)
     assert len(calls[1]) > 1  # batches of several rows still run by bucket
+    plain = st_npu.SentenceTransformer(tiny_cls, device="cpu")  # no static shapes: stock's own path at batch size 1
+    assert np.abs(plain.encode(TEXTS, batch_size=1) - stock.encode(TEXTS, batch_size=1)).max() <= 1e-6
+    assert len(calls) == 2

@@ -183,7 +183,8 @@ class Engine:
             checks.check_texts(inputs, singular=isinstance(inputs, str) or singular)
         self._limit_prompt(bound)
         items = [inputs] if singular else inputs
-        tokens = self._tokens(items, bound) if grouping.groupable(model, self.kind, bound.arguments, items) else None
+        tokens = self._tokens(items, bound) if grouping.groupable(model, self.kind, bound.arguments, items) \
+            and not self._stock_is_as_good(bound) else None
         if tokens is None:
             with context.calling(self, Call()) as call:
                 result = self._finishing(call, lambda: stock_entry(*bound.args, **bound.kwargs))
@@ -198,6 +199,12 @@ class Engine:
         positions, sizes = grouping.join_single_rows(positions, sizes)
         with context.calling(self, Call(tokens=tokens, tails=tails)) as call:
             return self._finishing(call, lambda: self._grouped(call, bound, items, singular, positions, sizes))
+
+    def _stock_is_as_good(self, bound: inspect.BoundArguments) -> bool:
+        """One row a batch, no static shapes and no tokens handed in (a server's): nothing pads and no shape is
+        new, so tokenising the call up front and grouping it would buy nothing for its cost."""
+        given = context.current(self)
+        return bound.arguments.get("batch_size") == 1 and not self.padding and (given is None or given.tokens is None)
 
     def _grouped(self, call: Call, bound: inspect.BoundArguments, items: list[Any], singular: bool,
                  positions: list[list[int]], sizes: list[int]) -> Any:
