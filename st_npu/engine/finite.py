@@ -42,11 +42,15 @@ def check_result(result: Any, count: int, dtype: Any, entry: str) -> None:
 
 def _bad_rows(rows: Any) -> np.ndarray | None:
     if isinstance(rows, torch.Tensor):
-        if rows.device.type != "cpu" or not rows.is_floating_point() or rows.ndim == 0:
+        if rows.device.type != "cpu" or not rows.is_floating_point() or rows.ndim == 0 or not rows.shape[0]:
             return None
+        if rows.is_sparse:  # a sparse encoder's rows: only the stored values can be non-finite
+            rows = rows.coalesce()
+            bad = ~torch.isfinite(rows.values())
+            return np.unique(rows.indices()[0][bad].numpy()) if bool(bad.any()) else np.empty(0, dtype=int)
         finite = torch.isfinite(rows).reshape(rows.shape[0], -1).all(dim=1)
         return torch.nonzero(~finite).flatten().numpy() if not bool(finite.all()) else np.empty(0, dtype=int)
-    if isinstance(rows, np.ndarray) and rows.dtype.kind == "f" and rows.ndim:
+    if isinstance(rows, np.ndarray) and rows.dtype.kind == "f" and rows.ndim and rows.shape[0]:
         finite = np.isfinite(rows).reshape(rows.shape[0], -1).all(axis=1)
         return np.flatnonzero(~finite)
     return None
