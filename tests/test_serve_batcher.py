@@ -192,6 +192,7 @@ def test_without_the_serve_extra_the_command_says_what_to_install(monkeypatch, c
 
 @pytest.mark.parametrize("devices", ["npu:0,npu:0", "npu:0,,npu:1"])
 def test_devices_must_be_distinct_and_named(devices, capsys):
+    pytest.importorskip("fastapi", reason='the server checks its extra first: pip install "st-npu[serve]"')
     assert main(["serve", "--model", "unused", "--devices", devices]) == 2
     assert "--devices takes distinct devices" in capsys.readouterr().err
 
