@@ -102,7 +102,8 @@ def test_globs_and_folders_on_a_bucket_match_as_on_disk(corpus, s3):
 
     assert names("s3://corpus/in") == ["s3://corpus/in/a.jsonl", "s3://corpus/in/b.parquet"]
     assert names("s3://corpus/in/*.parquet") == ["s3://corpus/in/b.parquet"]
-    assert names("s3://corpus/**/a.*") == ["s3://corpus/in/a.jsonl"]
+    # the server is shared by the session's tests (the Ray ones write under corpus/ too): stay within in/
+    assert names("s3://corpus/in/**/a.*") == ["s3://corpus/in/a.jsonl"]
     assert [str(location) for location in input_files(locate(corpus / "*.jsonl"))] == [str(corpus / "a.jsonl")]
 
 
